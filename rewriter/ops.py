@@ -1,0 +1,121 @@
+"""The canonical attention op: ``torch.ops.rewriter.attention``.
+
+Shape glossary:
+    B   batch
+    Hq  query heads            Hkv  key/value heads (Hq % Hkv == 0, query head h reads KV head
+                               h // (Hq // Hkv), the grouping of SDPA's ``enable_gqa``)
+    Sq  query length           Sk   key/value length
+    D   head dim of q and k    Dv   head dim of v
+
+    q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv]  ->  out [B, Hq, Sq, Dv]
+
+Semantics, in this order::
+
+    s = (q @ k^T) * scale
+    s = softcap * tanh(s / softcap)            if softcap > 0
+    s = s + attn_mask                          float mask (additive), broadcast to [B, Hq, Sq, Sk]
+    s = s.masked_fill(~attn_mask, -inf)        bool mask (True = attend)
+    s = s.masked_fill(~causal, -inf)           if is_causal (top-left aligned, as in SDPA)
+    s = s.masked_fill(~sparsity_mask, -inf)    if sparsity (a MaskSpec string)
+    out = softmax(s, -1) @ v
+
+Canonicalizing a model is an identity transform: the eager implementation defers to SDPA
+where the semantics coincide, so a canonicalized model matches the original to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["attention", "reference_attention"]
+
+
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+                 lambda: "rewriter::attention expects 4-D q, k, v ([B, H, S, D])")
+    torch._check(q.shape[1] % k.shape[1] == 0,
+                 lambda: f"query heads {q.shape[1]} not a multiple of kv heads {k.shape[1]}")
+
+
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    *,
+    scale: float,
+    is_causal: bool = False,
+    sparsity: str = "",
+    softcap: float = 0.0,
+) -> Tensor:
+    """Naive reference: materializes the scores. The definition the other paths are held to."""
+    _check_shapes(q, k, v)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        else:
+            s = s + attn_mask
+    sq, sk = q.shape[-2], k.shape[-2]
+    if is_causal:
+        causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~causal, float("-inf"))
+    if sparsity:
+        # Mask specs (window, sink, dilation, per-head) are parsed by rewriter.masks, which the
+        # sparse variants bring; until then no pass emits a non-empty sparsity.
+        raise ValueError(f"sparsity {sparsity!r}: no mask specs are available in this build")
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v)
+
+
+@torch.library.custom_op("rewriter::attention", mutates_args=())
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    *,
+    scale: float,
+    is_causal: bool = False,
+    sparsity: str = "",
+    softcap: float = 0.0,
+) -> Tensor:
+    """Canonical attention (see the module docstring for shapes and semantics)."""
+    if softcap > 0 or sparsity:
+        return reference_attention(
+            q, k, v, attn_mask, scale=scale, is_causal=is_causal, sparsity=sparsity,
+            softcap=softcap,
+        )
+    gqa = q.shape[1] != k.shape[1]
+    # SDPA rejects a mask together with is_causal; fold the causal part into the mask.
+    if is_causal and attn_mask is not None:
+        sq, sk = q.shape[-2], k.shape[-2]
+        causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        if attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & causal
+        else:
+            attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
+        is_causal = False
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
+    )
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, attn_mask=None, *, scale, is_causal=False, sparsity="", softcap=0.0):
+    _check_shapes(q, k, v)
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
