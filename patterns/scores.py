@@ -1,0 +1,214 @@
+"""The score chain: everything between ``q @ k^T`` and the softmax, normalized.
+
+Models place the scale before or after the product, divide or multiply, add masks, fill them,
+cap logits with tanh, and cast to fp32 in between. Walking back from the softmax, each op is
+read as one of a few *score ops*; folding them forward gives the canonical form::
+
+    s = product * scale ;  s = softcap * tanh(s / softcap) ;  s = s + sum(mask terms)
+
+or a MatchFailure saying which op does not fit that form.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch.fx import GraphModule, Node
+
+from rewriter.patterns.graph import MatchFailure, data_users, is_op, scalar_constant, val
+
+aten = torch.ops.aten
+
+CASTS = (aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default,
+         aten.contiguous.default, aten.clone.default, aten.alias.default)
+PRODUCTS = (aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default)
+MUL = (aten.mul.Tensor, aten.mul.Scalar)
+DIV = (aten.div.Tensor, aten.div.Scalar)
+ADD = (aten.add.Tensor,)
+# A fill value at least this negative drives a softmax weight to exactly 0, like -inf.
+MASKING_VALUE = -1e30
+
+
+@dataclass(frozen=True)
+class MaskTerm:
+    """An additive contribution to the scores.
+
+    ``kind`` "tensor": ``node * multiplier``; "fill": ``value * multiplier`` where ``cond`` is
+    True (``keep=False``) or False (``keep=True``), else 0."""
+
+    kind: str
+    node: Node
+    value: float = 0.0
+    keep: bool = False
+    multiplier: float = 1.0
+
+
+@dataclass
+class ScoreForm:
+    product: Node
+    scale: float = 1.0
+    softcap: float = 0.0
+    terms: list[MaskTerm] = field(default_factory=list)
+    nodes: list[Node] = field(default_factory=list)  # the chain, product excluded
+
+    def apply_scale(self, c: float, node: Node) -> None:
+        if self.softcap:
+            raise MatchFailure("scores are rescaled after the tanh softcap", node)
+        self.scale *= c
+        self.terms = [replace(t, multiplier=t.multiplier * c) for t in self.terms]
+
+    def add_term(self, term: MaskTerm) -> None:
+        self.terms.append(term)
+
+
+def _single_user(node: Node) -> bool:
+    return len(data_users(node)) == 1
+
+
+def _softcap_unit(node: Node, gm: GraphModule) -> tuple[Node, float] | None:
+    """``cap * tanh(x / cap)`` ending at ``node`` -> (x, cap)."""
+    if not is_op(node, *MUL):
+        return None
+    for t, c in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+        cap = scalar_constant(c, gm)
+        if cap is None or not is_op(t, aten.tanh.default) or not _single_user(t):
+            continue
+        inner = t.args[0]
+        if is_op(inner, *DIV) and scalar_constant(inner.args[1], gm) == cap:
+            return inner.args[0], cap
+        if is_op(inner, *MUL):
+            k = scalar_constant(inner.args[1], gm)
+            if k is not None and math.isclose(k * cap, 1.0, rel_tol=1e-6):
+                return inner.args[0], cap
+    return None
+
+
+def walk_scores(x: Node, gm: GraphModule) -> ScoreForm:
+    """Walk from the softmax input back to the q @ k^T product and fold the ops between."""
+    ops: list[tuple[str, Node, object]] = []  # in reverse (softmax-first) order
+    chain: list[Node] = []
+    node = x
+    while True:
+        if not isinstance(node, Node):
+            raise MatchFailure("softmax input is not a tensor computed in the graph")
+        if node is not x and not _single_user(node):
+            raise MatchFailure(f"scores {node.name} are also used outside the attention", node)
+        if node.op == "call_function" and node.target in PRODUCTS:
+            break
+        chain.append(node)
+        if node.op != "call_function":
+            raise MatchFailure(f"scores come from {node.op} {node.name}, not a product", node)
+        t = node.target
+        if t in CASTS:
+            node = node.args[0]
+            continue
+        cap = _softcap_unit(node, gm)
+        if cap is not None:
+            ops.append(("softcap", node, cap[1]))
+            node = cap[0]
+            continue
+        if t in MUL or t in DIV:
+            a, b = node.args[0], node.args[1]
+            c = scalar_constant(b, gm)
+            if c is None and t in MUL:
+                a, b = b, a
+                c = scalar_constant(b, gm)
+            if c is None:
+                raise MatchFailure(f"{node.name} multiplies the scores by a tensor", node)
+            ops.append(("scale", node, c if t in MUL else 1.0 / c))
+            node = a
+            continue
+        if t in ADD and node.kwargs.get("alpha", 1) == 1:
+            a, b = node.args[0], node.args[1]
+            # The scores side is the one that leads back to a product; the other is the mask.
+            side = _score_side(a, b)
+            if side is None:
+                raise MatchFailure(f"{node.name} adds two things neither of which is scores", node)
+            scores, mask = side
+            if isinstance(mask, Node):
+                ops.append(("term", node, MaskTerm("tensor", mask)))
+            else:
+                ops.append(("term", node, None))  # adding a constant: softmax-invariant
+            node = scores
+            continue
+        if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            fill = scalar_constant(node.args[2], gm)
+            _check_masking(fill, node)
+            ops.append(("term", node, MaskTerm("fill", node.args[1], fill)))
+            node = node.args[0]
+            continue
+        if t in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
+            cond, a, b = node.args
+            fill_b = scalar_constant(b, gm)
+            fill_a = scalar_constant(a, gm)
+            if fill_b is not None and isinstance(a, Node) and fill_a is None:
+                _check_masking(fill_b, node)
+                ops.append(("term", node, MaskTerm("fill", cond, fill_b, keep=True)))
+                node = a
+            elif fill_a is not None and isinstance(b, Node):
+                _check_masking(fill_a, node)
+                ops.append(("term", node, MaskTerm("fill", cond, fill_a, keep=False)))
+                node = b
+            else:
+                raise MatchFailure(f"{node.name} selects between two computed tensors", node)
+            continue
+        raise MatchFailure(f"{node.name} ({_op_name(node)}) is not a scale, mask or cast", node)
+
+    form = ScoreForm(product=node, nodes=chain)
+    for kind, where, payload in reversed(ops):
+        if kind == "scale":
+            form.apply_scale(float(payload), where)
+        elif kind == "softcap":
+            if form.terms:
+                raise MatchFailure("a mask is added before the tanh softcap", where)
+            if form.softcap:
+                raise MatchFailure("two softcaps on one score", where)
+            # cap * tanh(scale*qk / cap): the canonical softcap of the scaled product.
+            form.softcap = float(payload)
+        elif payload is not None:
+            form.add_term(payload)
+    return form
+
+
+def _check_masking(fill: float | None, node: Node) -> None:
+    if fill is None or not (fill <= MASKING_VALUE):
+        raise MatchFailure(
+            f"{node.name} fills scores with {fill!r}, which is not a masking value", node)
+
+
+def _score_side(a, b):
+    """(scores, mask) for an add; the scores side leads back to a product through the chain."""
+    for s, m in ((a, b), (b, a)):
+        if isinstance(s, Node) and _leads_to_product(s):
+            return s, m
+    return None
+
+
+def _leads_to_product(node: Node, depth: int = 12) -> bool:
+    while depth > 0 and isinstance(node, Node) and node.op == "call_function":
+        if node.target in PRODUCTS:
+            return True
+        if node.target in CASTS or node.target in MUL or node.target in DIV:
+            node = node.args[0] if isinstance(node.args[0], Node) else node.args[1]
+        elif node.target in ADD or node.target in (aten.masked_fill.Scalar,
+                                                   aten.masked_fill.Tensor):
+            return any(_leads_to_product(a, depth - 1) for a in node.args[:2])
+        elif node.target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
+            return any(_leads_to_product(a, depth - 1) for a in node.args[1:3])
+        elif node.target is aten.tanh.default:
+            node = node.args[0]
+        else:
+            return False
+        depth -= 1
+    return False
+
+
+def _op_name(node: Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def dtype_of(node: Node) -> torch.dtype | None:
+    v = val(node)
+    return v.dtype if isinstance(v, torch.Tensor) else None

@@ -1,0 +1,32 @@
+"""Domain errors. Each carries a one-line message meant for users; the CLI maps them to exit
+codes and never shows a traceback for them."""
+
+from __future__ import annotations
+
+
+class RewriterError(Exception):
+    exit_code = 1
+
+
+class CaptureError(RewriterError):
+    """torch.export could not capture the model."""
+
+    exit_code = 3
+
+
+class NoAttentionError(RewriterError):
+    """The model has no attention the patterns recognize."""
+
+    exit_code = 4
+
+
+class ModelLoadError(RewriterError):
+    """A path or name that is not a model we can load."""
+
+    exit_code = 2
+
+
+class SpecError(RewriterError):
+    """A variant spec that does not parse or does not apply."""
+
+    exit_code = 2

@@ -1,0 +1,141 @@
+"""`Program`: a captured model, its attention sites, and what was done to it."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+from torch.utils._pytree import tree_leaves
+
+from rewriter.patterns.core import Rejection
+from rewriter.site import AttentionSite
+
+
+@dataclass
+class OutputError:
+    name: str
+    shape: tuple
+    max_abs: float
+    rel: float  # max |a - b| / max |b|
+
+
+@dataclass
+class VerifyReport:
+    """Numeric comparison of a program against a reference on the same inputs."""
+
+    outputs: list[OutputError]
+    tolerance: float
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.rel for o in self.outputs), default=0.0)
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel <= self.tolerance
+
+    def to_dict(self) -> dict:
+        return {"max_rel": self.max_rel, "tolerance": self.tolerance, "ok": self.ok,
+                "outputs": [o.__dict__ for o in self.outputs]}
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.ok else "MISMATCH"
+        worst = max(self.outputs, key=lambda o: o.rel, default=None)
+        where = f" (worst: {worst.name} {list(worst.shape)})" if worst else ""
+        return f"{verdict}: max relative error {self.max_rel:.2e} <= {self.tolerance:.0e}" \
+            if self.ok else f"{verdict}: max relative error {self.max_rel:.2e}{where}"
+
+
+def compare_outputs(got: Any, want: Any, tolerance: float = 1e-5) -> VerifyReport:
+    got_leaves = [t for t in tree_leaves(got) if isinstance(t, torch.Tensor)]
+    want_leaves = [t for t in tree_leaves(want) if isinstance(t, torch.Tensor)]
+    if len(got_leaves) != len(want_leaves):
+        raise ValueError(f"outputs differ in structure: {len(got_leaves)} vs "
+                         f"{len(want_leaves)} tensors")
+    errors = []
+    for i, (a, b) in enumerate(zip(got_leaves, want_leaves, strict=True)):
+        if a.shape != b.shape:
+            raise ValueError(f"output {i}: shape {tuple(a.shape)} vs {tuple(b.shape)}")
+        if not a.is_floating_point():
+            max_abs = float((a != b).sum())
+            errors.append(OutputError(f"output{i}", tuple(a.shape), max_abs, max_abs))
+            continue
+        a64, b64 = a.detach().double(), b.detach().double()
+        max_abs = float((a64 - b64).abs().max()) if a.numel() else 0.0
+        scale = float(b64.abs().max()) if b.numel() else 0.0
+        rel = max_abs / scale if scale > 0 else max_abs
+        errors.append(OutputError(f"output{i}", tuple(a.shape), max_abs, rel))
+    return VerifyReport(errors, tolerance)
+
+
+@dataclass
+class Program:
+    """A captured model. ``module`` runs with the model's call signature; rewrites return a new
+    Program and never mutate this one."""
+
+    module: GraphModule
+    original: GraphModule
+    sites: list[AttentionSite]
+    rejected: list[Rejection] = field(default_factory=list)
+    example_args: tuple = ()
+    example_kwargs: dict = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.module.graph
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def verify(self, original: Any = None, args: tuple | None = None,
+               kwargs: dict | None = None, tolerance: float = 1e-5) -> VerifyReport:
+        """Run this program and ``original`` (a Program, an nn.Module, or by default the graph
+        captured before canonicalization) on the same inputs and compare every output."""
+        args = self.example_args if args is None else args
+        kwargs = self.example_kwargs if kwargs is None and args is self.example_args \
+            else (kwargs or {})
+        if not isinstance(args, tuple):
+            args = (args,)
+        reference = self.original if original is None else original
+        if isinstance(reference, Program):
+            reference = reference.module
+        with torch.no_grad():
+            got = self.module(*args, **kwargs)
+            want = reference(*args, **kwargs)
+        return compare_outputs(got, want, tolerance)
+
+    def summary(self, width: int = 160) -> str:
+        from rich.console import Console
+
+        console = Console(file=io.StringIO(), width=width, record=True)
+        console.print(sites_table(self.sites))
+        return console.export_text()
+
+    def __repr__(self) -> str:
+        return f"Program({len(self.sites)} attention sites, " \
+               f"{self.parameter_count():,} parameters)"
+
+
+def sites_table(sites: list[AttentionSite], title: str | None = None):
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False, header_style="bold")
+    for col in ("#", "layer", "module", "pattern", "Hq", "Hkv", "D", "positional", "mask",
+                "scale", "backend"):
+        table.add_column(col, justify="right" if col in ("#", "layer", "Hq", "Hkv", "D")
+                         else "left")
+    for s in sites:
+        pattern = s.pattern + (f" +{s.kv_expansion}" if s.kv_expansion != "none" else "")
+        mask = s.mask + (f" softcap={s.softcap:g}" if s.softcap else "") + \
+            (" cross" if s.cross else "")
+        table.add_row(str(s.index), "" if s.layer is None else str(s.layer), s.module_path,
+                      pattern, str(s.num_heads), str(s.num_kv_heads), str(s.head_dim),
+                      s.positional, mask, f"{s.scale:.4g}", s.backend)
+    return table
