@@ -25,6 +25,7 @@ from rewriter.patterns.graph import (
     data_users,
     depends_on_input,
     is_op,
+    module_path,
     scalar_constant,
     shape,
     static_int,
@@ -33,6 +34,7 @@ from rewriter.patterns.kv_expansion import peel_expansion
 from rewriter.patterns.layout import (
     Operand,
     Step,
+    heads_of_flat_batch,
     permute,
     simplify_transpose,
     transpose_last,
@@ -216,8 +218,6 @@ def _matmul_operands(product: Node, pv: Node):
 
 
 def _heads_3d(a: Node) -> int:
-    from rewriter.patterns.layout import heads_of_flat_batch
-
     return heads_of_flat_batch(a)
 
 
@@ -329,10 +329,10 @@ class Rejection:
     reason: str
 
 
-def find(gm: GraphModule, rules: RuleSet = DEFAULT_RULES) -> tuple[list[CoreMatch], list[Rejection]]:
+def find(
+    gm: GraphModule, rules: RuleSet = DEFAULT_RULES
+) -> tuple[list[CoreMatch], list[Rejection]]:
     """Every anchor in graph order: matched cores, and why the other anchors are not attention."""
-    from rewriter.patterns.graph import module_path
-
     matches: list[CoreMatch] = []
     rejected: list[Rejection] = []
     cache: dict = {}

@@ -14,7 +14,7 @@ import torch
 from torch.fx import Node
 
 from rewriter.patterns.graph import concrete, is_op, is_parameter, shape
-from rewriter.patterns.layout import Operand, apply_node, chain_down, chain_up, is_layout, iota
+from rewriter.patterns.layout import Operand, apply_node, chain_down, chain_up, iota, is_layout
 from rewriter.site import Projection
 
 aten = torch.ops.aten
@@ -182,11 +182,15 @@ def trace_output_projection(output: Node, canonical_dims: tuple, out_steps) -> P
         return None
     rows = index.reshape(-1, h * d)
     head, chan = (rows // (s * d)) % h, rows % d
-    if not (torch.equal(head, head[:1].expand_as(head)) and torch.equal(chan, chan[:1].expand_as(chan))):
-        return None
+    if not (_rows_equal(head) and _rows_equal(chan)):
+        return None  # some token's features map to different heads than another's
     features = []
     for hh in range(h):
         cols = (head[0] == hh).nonzero().flatten()
         order = chan[0, cols].argsort()
         features.append(tuple(int(c) for c in cols[order]))
     return _make_projection(users[0], tuple(features))
+
+
+def _rows_equal(t: torch.Tensor) -> bool:
+    return torch.equal(t, t[:1].expand_as(t))

@@ -17,7 +17,10 @@ class Projection:
     weight: str  # qualified parameter name, e.g. "model.layers.0.self_attn.q_proj.weight"
     bias: str | None
     kind: str  # "linear" (W is [out, in]) or "conv1d" (W is [in, out], GPT-2) or "matmul"
-    features: tuple[tuple[int, ...], ...]
+    features: tuple[tuple[int, ...], ...] = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"Projection({self.describe()}, {self.kind}, heads={len(self.features)})"
 
     @property
     def fused(self) -> bool:

