@@ -165,11 +165,12 @@ def canonicalize(gm: GraphModule, matches: list[CoreMatch]) -> list[AttentionSit
     return sites
 
 
-def cleanup(gm: GraphModule) -> None:
+def cleanup(gm: GraphModule, recompile: bool = True) -> None:
     """Drop dead nodes (keeping side-effecting ones, like the export's input guards), lint, and
     regenerate code."""
     gm.graph.eliminate_dead_code(
         is_impure_node=lambda n: n.op in ("placeholder", "output", "call_module") or n.is_impure()
     )
     gm.graph.lint()
-    gm.recompile()
+    if recompile:
+        gm.recompile()

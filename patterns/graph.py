@@ -151,8 +151,8 @@ def module_path(node: Node) -> str:
     return path
 
 
-def copy_graph_module(gm: GraphModule) -> GraphModule:
-    """A new GraphModule with its own graph (nodes, meta copied shallowly), sharing parameters."""
+def copy_graph(gm: GraphModule) -> Graph:
+    """A copy of gm's graph (nodes new, meta copied shallowly); cheap, no code generation."""
     graph = Graph()
     graph._codegen = gm.graph._codegen
     out = graph.graph_copy(gm.graph, {}, return_output_node=True)
@@ -160,8 +160,18 @@ def copy_graph_module(gm: GraphModule) -> GraphModule:
         value, output_node = out
         new_output = graph.output(value, type_expr=getattr(output_node, "type", None))
         new_output.meta = dict(output_node.meta)
+    return graph
+
+
+def graph_module_from(gm: GraphModule, graph: Graph) -> GraphModule:
+    """A GraphModule running ``graph`` over gm's parameters (shared, not copied)."""
     new = GraphModule(gm, graph, class_name=type(gm).__name__)
     for attr in ("_in_spec", "_out_spec", "range_constraints"):
         if hasattr(gm, attr):
             setattr(new, attr, getattr(gm, attr))
     return new
+
+
+def copy_graph_module(gm: GraphModule) -> GraphModule:
+    """A new GraphModule with its own graph, sharing parameters."""
+    return graph_module_from(gm, copy_graph(gm))

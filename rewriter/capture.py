@@ -12,7 +12,7 @@ from torch.export import Dim
 from torch.utils._pytree import tree_map
 
 from rewriter.errors import CaptureError, NoAttentionError
-from rewriter.patterns.graph import copy_graph_module
+from rewriter.patterns.graph import copy_graph, graph_module_from
 
 aten = torch.ops.aten
 
@@ -65,7 +65,7 @@ def remove_dead_code(gm: torch.fx.GraphModule) -> None:
     rotary caches); removing them first means a pattern sees only live uses."""
     from rewriter.passes.canonicalize import cleanup
 
-    cleanup(gm)
+    cleanup(gm, recompile=False)
 
 
 def capture(
@@ -98,8 +98,9 @@ def capture(
         gm = ep.module()
         strip_runtime_asserts(gm)
         remove_dead_code(gm)
-        original = copy_graph_module(gm)
-        original.recompile()
+        # The pre-canonicalization graph; its GraphModule (and generated code) is built on
+        # first use of Program.original, as most callers never run it.
+        original_graph = copy_graph(gm)
         matches, rejected = find(gm)
         if not matches and require_attention:
             raise NoAttentionError(
@@ -110,7 +111,8 @@ def capture(
         timings["find_canonicalize_s"] = time.perf_counter() - t0
     finally:
         model.train(was_training)
-    return Program(module=gm, original=original, sites=sites, rejected=rejected,
-                   example_args=args, example_kwargs=dict(kwargs or {}),
+    return Program(module=gm, original=lambda: graph_module_from(gm, original_graph),
+                   sites=sites, rejected=rejected, example_args=args,
+                   example_kwargs=dict(kwargs or {}),
                    manifest={"source": type(model).__name__, "timings": timings,
                              "passes": ["canonicalize"]})

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -71,18 +72,28 @@ def compare_outputs(got: Any, want: Any, tolerance: float = 1e-5) -> VerifyRepor
     return VerifyReport(errors, tolerance)
 
 
-@dataclass
 class Program:
     """A captured model. ``module`` runs with the model's call signature; rewrites return a new
     Program and never mutate this one."""
 
-    module: GraphModule
-    original: GraphModule
-    sites: list[AttentionSite]
-    rejected: list[Rejection] = field(default_factory=list)
-    example_args: tuple = ()
-    example_kwargs: dict = field(default_factory=dict)
-    manifest: dict = field(default_factory=dict)
+    def __init__(self, module: GraphModule,
+                 original: GraphModule | Callable[[], GraphModule], sites: list[AttentionSite],
+                 rejected: list[Rejection] | None = None, example_args: tuple = (),
+                 example_kwargs: dict | None = None, manifest: dict | None = None):
+        self.module = module
+        self._original = original
+        self.sites = sites
+        self.rejected = rejected or []
+        self.example_args = example_args
+        self.example_kwargs = example_kwargs or {}
+        self.manifest = manifest or {}
+
+    @property
+    def original(self) -> GraphModule:
+        """The captured graph before canonicalization (same call signature as the model)."""
+        if not isinstance(self._original, GraphModule):
+            self._original = self._original()
+        return self._original
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
