@@ -154,7 +154,8 @@ def walk_scores(x: Node, gm: GraphModule) -> ScoreForm:
             else:
                 raise MatchFailure(f"{node.name} selects between two computed tensors", node)
             continue
-        raise MatchFailure(f"{node.name} ({_op_name(node)}) is not a scale, mask or cast", node)
+        raise MatchFailure(f"the scores trace back to {node.name} ({_op_name(node)}), which is "
+                           "not q @ k^T or a scale, mask or cast of it", node)
 
     form = ScoreForm(product=node, nodes=chain)
     for kind, where, payload in reversed(ops):

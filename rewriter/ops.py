@@ -16,8 +16,9 @@ Semantics, in this order::
     s = s + attn_mask                          float mask (additive), broadcast to [B, Hq, Sq, Sk]
     s = s.masked_fill(~attn_mask, -inf)        bool mask (True = attend)
     s = s.masked_fill(~causal, -inf)           if is_causal (top-left aligned, as in SDPA)
-    s = s.masked_fill(~sparsity_mask, -inf)    if sparsity (a MaskSpec string)
-    out = softmax(s, -1) @ v
+    s = s.masked_fill(~sparsity_mask, -inf)    if sparsity (a MaskSpec string, bottom-right
+                                               aligned: see rewriter.masks)
+    out = softmax(s, -1) @ v                   (a row with no key left gives zeros)
 
 Canonicalizing a model is an identity transform: the eager implementation defers to SDPA
 where the semantics coincide, so a canonicalized model matches the original to fp32 rounding.
@@ -71,11 +72,19 @@ def reference_attention(
         causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~causal, float("-inf"))
     if sparsity:
-        # Mask specs (window, sink, dilation, per-head) are parsed by rewriter.masks, which the
-        # sparse variants bring; until then no pass emits a non-empty sparsity.
-        raise ValueError(f"sparsity {sparsity!r}: no mask specs are available in this build")
-    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        keep = sparsity_mask(sparsity, sq, sk, q.shape[1], q.device)
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1, dtype=torch.float32)
+    # A row with every key masked attends to nothing: zeros, not NaN.
+    p = torch.nan_to_num(p, nan=0.0).to(q.dtype)
     return torch.matmul(p, v)
+
+
+def sparsity_mask(sparsity: str, sq: int, sk: int, num_heads: int, device) -> Tensor:
+    """[1, H or 1, Sq, Sk] bool keep-mask of a MaskSpec string."""
+    from rewriter.masks import MaskSpec
+
+    return MaskSpec.parse(sparsity).dense(sq, sk, num_heads, device=device).unsqueeze(0)
 
 
 @torch.library.custom_op("rewriter::attention", mutates_args=())
@@ -91,15 +100,32 @@ def attention(
     softcap: float = 0.0,
 ) -> Tensor:
     """Canonical attention (see the module docstring for shapes and semantics)."""
-    if softcap > 0 or sparsity:
+    if softcap > 0:
         return reference_attention(
             q, k, v, attn_mask, scale=scale, is_causal=is_causal, sparsity=sparsity,
             softcap=softcap,
         )
     gqa = q.shape[1] != k.shape[1]
+    sq, sk = q.shape[-2], k.shape[-2]
+    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:
+        attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype
+    if sparsity:
+        # Fold the static mask (and causal) into one boolean mask for SDPA.
+        keep = sparsity_mask(sparsity, sq, sk, q.shape[1], q.device)
+        if is_causal:
+            keep = keep & torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+            is_causal = False
+        if attn_mask is None:
+            attn_mask = keep
+        elif attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & keep
+        else:
+            attn_mask = attn_mask.masked_fill(~keep, float("-inf"))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale,
+                                             enable_gqa=gqa)
+        return torch.nan_to_num(out, nan=0.0)
     # SDPA rejects a mask together with is_causal; fold the causal part into the mask.
     if is_causal and attn_mask is not None:
-        sq, sk = q.shape[-2], k.shape[-2]
         causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
         if attn_mask.dtype == torch.bool:
             attn_mask = attn_mask & causal

@@ -1,0 +1,161 @@
+"""Static sparse masks: the ``sparsity`` attribute of ``rewriter.attention``.
+
+A `MaskSpec` says which keys each query may read, on top of the model's own mask (the two are
+ANDed). Positions are absolute: with Sq queries over Sk keys, query i sits at position
+``i + Sk - Sq`` (bottom-right alignment, as when decoding with a KV cache).
+
+    window=W     keep keys with |pos_q - pos_k| < W (with a causal model: the last W tokens)
+    sink=S       and always keep the first S keys (attention sinks)
+    dilation=D   inside the window keep every D-th key (pos_q - pos_k divisible by D)
+    heads=T      per-head table, one letter per query head: "f" full attention,
+                 "s" the sparse pattern above; e.g. heads=ffss
+
+String form: comma-separated ``key=value`` in the order above, e.g. ``window=256,sink=4``.
+The empty string is dense attention.
+
+Shape glossary: H query heads, Sq queries, Sk keys, Tq x Tk a tile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rewriter.errors import SpecError
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+_KEYS = ("window", "sink", "dilation", "heads")
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    window: int | None = None
+    sink: int = 0
+    dilation: int = 1
+    heads: str | None = None  # per-query-head table of "f" (full) / "s" (sparse)
+
+    def __post_init__(self):
+        if self.window is not None and self.window < 1:
+            raise SpecError(f"mask window={self.window}: must be a positive integer")
+        if self.sink < 0:
+            raise SpecError(f"mask sink={self.sink}: must be >= 0")
+        if self.dilation < 1:
+            raise SpecError(f"mask dilation={self.dilation}: must be >= 1")
+        if self.dilation > 1 and self.window is None:
+            raise SpecError("mask dilation needs a window")
+        if self.heads is not None and (not self.heads or set(self.heads) - {"f", "s"}):
+            raise SpecError(f"mask heads={self.heads!r}: one letter per head, f or s")
+
+    # --- text form ------------------------------------------------------------------------
+
+    @classmethod
+    def parse(cls, text: str) -> MaskSpec:
+        if not text:
+            return cls()
+        values: dict = {}
+        for item in text.split(","):
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or key not in _KEYS:
+                raise SpecError(f"mask spec {text!r}: unknown item {item!r} "
+                                f"(allowed keys: {', '.join(_KEYS)})")
+            if key == "heads":
+                values[key] = value.strip()
+            else:
+                try:
+                    values[key] = int(value)
+                except ValueError:
+                    raise SpecError(f"mask spec {text!r}: {key}={value!r} is not an integer") \
+                        from None
+        return cls(**values)
+
+    def format(self) -> str:
+        parts = []
+        if self.window is not None:
+            parts.append(f"window={self.window}")
+        if self.sink:
+            parts.append(f"sink={self.sink}")
+        if self.dilation != 1:
+            parts.append(f"dilation={self.dilation}")
+        if self.heads is not None:
+            parts.append(f"heads={self.heads}")
+        return ",".join(parts)
+
+    def __str__(self) -> str:
+        return self.format() or "dense"
+
+    @property
+    def is_dense(self) -> bool:
+        return self.window is None or (self.heads is not None and "s" not in self.heads)
+
+    # --- evaluation -----------------------------------------------------------------------
+
+    def sparse_heads(self, num_heads: int) -> torch.Tensor:
+        """[H] bool: which heads use the sparse pattern."""
+        if self.heads is None:
+            return torch.ones(num_heads, dtype=torch.bool)
+        if len(self.heads) != num_heads:
+            raise SpecError(f"mask heads={self.heads!r} has {len(self.heads)} entries for "
+                            f"{num_heads} heads")
+        return torch.tensor([c == "s" for c in self.heads])
+
+    def mask_mod(self, b, h, q_idx, kv_idx, *, offset: int = 0, sparse_heads=None):
+        """Broadcasting keep-predicate on index tensors (FlexAttention's mask_mod signature).
+
+        ``offset`` = Sk - Sq places query i at position i + offset."""
+        if self.window is None:
+            return torch.ones_like(q_idx + kv_idx, dtype=torch.bool)
+        dist = (q_idx + offset) - kv_idx
+        keep = dist.abs() < self.window
+        if self.dilation > 1:
+            keep = keep & (dist.remainder(self.dilation) == 0)
+        if self.sink:
+            keep = keep | (kv_idx < self.sink)
+        if self.heads is not None:
+            full = ~sparse_heads[h] if sparse_heads is not None else False
+            keep = keep | full
+        return keep
+
+    def dense(self, sq: int, sk: int, num_heads: int = 1, device=None) -> torch.Tensor:
+        """[H, Sq, Sk] bool keep-mask (H = 1 without a per-head table)."""
+        q = torch.arange(sq, device=device).view(1, sq, 1)
+        k = torch.arange(sk, device=device).view(1, 1, sk)
+        if self.heads is None:
+            return self.mask_mod(None, None, q, k, offset=sk - sq)
+        h = torch.arange(num_heads, device=device).view(num_heads, 1, 1)
+        sparse = self.sparse_heads(num_heads).to(device)
+        return self.mask_mod(None, h, q, k, offset=sk - sq, sparse_heads=sparse)
+
+    def tile_map(self, sq: int, sk: int, tile_q: int, tile_k: int, *, num_heads: int = 1,
+                 causal: bool = False) -> torch.Tensor:
+        """[H, ceil(Sq/Tq), ceil(Sk/Tk)] int8: EMPTY (0), PARTIAL (1) or FULL (2) per tile,
+        for this mask ANDed with causal (bottom-right aligned) when ``causal``."""
+        keep = self.dense(sq, sk, num_heads)
+        if causal:
+            keep = keep & causal_mask(sq, sk)
+        nq, nk = -(-sq // tile_q), -(-sk // tile_k)
+        padded = torch.zeros(keep.shape[0], nq * tile_q, nk * tile_k, dtype=torch.int32)
+        valid = torch.zeros_like(padded)
+        padded[:, :sq, :sk] = keep.to(torch.int32)
+        valid[:, :sq, :sk] = 1
+        tiles = padded.view(-1, nq, tile_q, nk, tile_k).sum(dim=(2, 4))
+        sizes = valid.view(-1, nq, tile_q, nk, tile_k).sum(dim=(2, 4))
+        out = torch.full_like(tiles, PARTIAL, dtype=torch.int8)
+        out[tiles == 0] = EMPTY
+        out[tiles == sizes] = FULL
+        return out
+
+    def density(self, sq: int, sk: int, *, num_heads: int = 1, causal: bool = False) -> float:
+        """Kept fraction of the (causal, when asked) score matrix, averaged over heads."""
+        keep = self.dense(sq, sk, num_heads)
+        if causal:
+            base = causal_mask(sq, sk)
+            return float((keep & base).sum() / (base.sum() * keep.shape[0]))
+        return float(keep.float().mean())
+
+
+def causal_mask(sq: int, sk: int) -> torch.Tensor:
+    """[Sq, Sk] bool, bottom-right aligned (query i sees keys up to i + Sk - Sq)."""
+    q = torch.arange(sq).view(sq, 1) + (sk - sq)
+    return torch.arange(sk).view(1, sk) <= q
