@@ -11,7 +11,7 @@ from collections import deque
 import torch
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
-from torch.fx.node import map_arg
+from torch.fx.node import _side_effectful_functions, map_arg
 
 import rewriter.ops  # noqa: F401  (registers torch.ops.rewriter.attention)
 from rewriter.patterns.core import CoreMatch, layer_index
@@ -165,12 +165,23 @@ def canonicalize(gm: GraphModule, matches: list[CoreMatch]) -> list[AttentionSit
     return sites
 
 
+def has_side_effects(node: Node) -> bool:
+    """Kept even when unused: graph inputs/outputs, the export's guard module, and ops that
+    mutate or print. Random ops like dropout count as pure here: FX keeps them by default,
+    which would leave the replaced attention computing next to its canonical node."""
+    if node.op in ("placeholder", "output", "call_module"):
+        return True
+    if node.op != "call_function":
+        return False
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable or node.target in _side_effectful_functions
+    return node.is_impure()
+
+
 def cleanup(gm: GraphModule, recompile: bool = True) -> None:
     """Drop dead nodes (keeping side-effecting ones, like the export's input guards), lint, and
     regenerate code."""
-    gm.graph.eliminate_dead_code(
-        is_impure_node=lambda n: n.op in ("placeholder", "output", "call_module") or n.is_impure()
-    )
+    gm.graph.eliminate_dead_code(is_impure_node=has_side_effects)
     gm.graph.lint()
     if recompile:
         gm.recompile()

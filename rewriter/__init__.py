@@ -7,6 +7,7 @@
 """
 
 from rewriter import ops  # noqa: F401  (registers torch.ops.rewriter.attention)
+from rewriter.api import rewrite
 from rewriter.capture import capture
 from rewriter.errors import (
     CaptureError,
@@ -29,5 +30,6 @@ __all__ = [
     "SpecError",
     "VerifyReport",
     "capture",
+    "rewrite",
 ]
 __version__ = "0.1.0"

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["attention", "reference_attention"]
+__all__ = ["attention", "reference_attention", "reference_probs"]
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -40,6 +40,40 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
                  lambda: "rewriter::attention expects 4-D q, k, v ([B, H, S, D])")
     torch._check(q.shape[1] % k.shape[1] == 0,
                  lambda: f"query heads {q.shape[1]} not a multiple of kv heads {k.shape[1]}")
+
+
+def reference_probs(
+    q: Tensor,
+    k: Tensor,
+    attn_mask: Tensor | None = None,
+    *,
+    scale: float,
+    is_causal: bool = False,
+    sparsity: str = "",
+    softcap: float = 0.0,
+) -> Tensor:
+    """Attention probabilities [B, Hq, Sq, Sk] in fp32 (rows with no key left are zeros)."""
+    _check_shapes(q, k, k)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        else:
+            s = s + attn_mask.float()
+    sq, sk = q.shape[-2], k.shape[-2]
+    if is_causal:
+        causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~causal, float("-inf"))
+    if sparsity:
+        keep = sparsity_mask(sparsity, sq, sk, q.shape[1], q.device)
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.nan_to_num(p, nan=0.0)  # a row with every key masked attends to nothing
 
 
 def reference_attention(
@@ -55,29 +89,12 @@ def reference_attention(
 ) -> Tensor:
     """Naive reference: materializes the scores. The definition the other paths are held to."""
     _check_shapes(q, k, v)
-    group = q.shape[1] // k.shape[1]
+    p = reference_probs(q, k, attn_mask, scale=scale, is_causal=is_causal, sparsity=sparsity,
+                        softcap=softcap)
+    group = q.shape[1] // v.shape[1]
     if group > 1:
-        k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            s = s.masked_fill(~attn_mask, float("-inf"))
-        else:
-            s = s + attn_mask
-    sq, sk = q.shape[-2], k.shape[-2]
-    if is_causal:
-        causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
-        s = s.masked_fill(~causal, float("-inf"))
-    if sparsity:
-        keep = sparsity_mask(sparsity, sq, sk, q.shape[1], q.device)
-        s = s.masked_fill(~keep, float("-inf"))
-    p = torch.softmax(s, dim=-1, dtype=torch.float32)
-    # A row with every key masked attends to nothing: zeros, not NaN.
-    p = torch.nan_to_num(p, nan=0.0).to(q.dtype)
-    return torch.matmul(p, v)
+    return torch.matmul(p.to(q.dtype), v)
 
 
 def sparsity_mask(sparsity: str, sq: int, sk: int, num_heads: int, device) -> Tensor:

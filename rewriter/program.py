@@ -79,7 +79,8 @@ class Program:
     def __init__(self, module: GraphModule,
                  original: GraphModule | Callable[[], GraphModule], sites: list[AttentionSite],
                  rejected: list[Rejection] | None = None, example_args: tuple = (),
-                 example_kwargs: dict | None = None, manifest: dict | None = None):
+                 example_kwargs: dict | None = None, manifest: dict | None = None,
+                 tokenizer=None):
         self.module = module
         self._original = original
         self.sites = sites
@@ -87,6 +88,7 @@ class Program:
         self.example_args = example_args
         self.example_kwargs = example_kwargs or {}
         self.manifest = manifest or {}
+        self.tokenizer = tokenizer  # set when captured from a loaded checkpoint
 
     @property
     def original(self) -> GraphModule:
@@ -97,6 +99,25 @@ class Program:
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def call_with_tokens(self, ids: torch.Tensor) -> tuple[tuple, dict]:
+        """(args, kwargs) calling the module like the example inputs, with other token ids."""
+        def like(name, value):
+            if name == "attention_mask":
+                return torch.ones_like(ids)
+            if name == "token_type_ids":
+                return torch.zeros_like(ids)
+            if name == "input_ids":
+                return ids
+            return value
+
+        kwargs = {k: like(k, v) for k, v in self.example_kwargs.items()}
+        if self.example_args:
+            return (ids, *self.example_args[1:]), kwargs
+        if "input_ids" not in kwargs:
+            raise ValueError("cannot tell where token ids go: the example inputs have no "
+                             "positional tensor and no input_ids")
+        return (), kwargs
 
     @property
     def graph(self) -> torch.fx.Graph:

@@ -67,6 +67,9 @@ class AttentionSite:
     k_proj: Projection | None = None
     v_proj: Projection | None = None
     o_proj: Projection | None = None
+    sparsity: str = ""  # MaskSpec string on the canonical node ("" = dense)
+    kv_source: int | None = None  # share-kv: the site whose K/V this one reads
+    attn_source: int | None = None  # share-attn: the site whose probabilities this one reuses
     node: str = ""  # the canonical rewriter.attention node
     backend: str = "eager"
     notes: list[str] = field(default_factory=list)

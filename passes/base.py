@@ -1,0 +1,129 @@
+"""Pass infrastructure: `PassContext`, `PassResult`, and the manager that runs passes, lints
+the graph after each, and records what each did in the program's manifest."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch.fx import GraphModule, Node
+
+from rewriter.patterns.graph import copy_graph, fetch_attr
+
+if TYPE_CHECKING:
+    from rewriter.program import Program
+    from rewriter.specs import Spec
+
+ATTENTION = torch.ops.rewriter.attention.default
+
+
+@dataclass
+class PassContext:
+    """What passes may use besides the program: calibration data and a progress callback."""
+
+    # batches, each (args, kwargs) ready to call the module; or a factory, called on first use
+    calibration: list | Callable[[], list] | None = None
+    progress: Callable[[str, int, int], None] | None = None  # (task, done, total)
+
+    def report(self, task: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(task, done, total)
+
+    def batches(self, program: Program) -> list[tuple[tuple, dict]]:
+        from rewriter.errors import SpecError
+
+        if callable(self.calibration):
+            self.calibration = self.calibration()
+        if not self.calibration:
+            raise SpecError("this variant needs calibration data: pass calibration=[batches] "
+                            "(token tensors or (args, kwargs) pairs)")
+        return self.calibration
+
+
+@dataclass
+class PassResult:
+    program: Program
+    changed: bool
+    counts: dict = field(default_factory=dict)
+
+
+class Pass(Protocol):
+    name: str
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult: ...
+
+
+def clone_program(program: Program) -> Program:
+    """A Program with its own graph and module hierarchy; tensors are shared until a pass
+    replaces them (passes never edit a tensor in place)."""
+    from rewriter.program import Program
+
+    gm = program.module
+    graph = copy_graph(gm)
+    root: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            root[node.target] = fetch_attr(gm, node.target)
+    new = GraphModule(root, graph, class_name=type(gm).__name__)
+    for attr in ("_in_spec", "_out_spec", "range_constraints"):
+        if hasattr(gm, attr):
+            setattr(new, attr, getattr(gm, attr))
+    return Program(module=new, original=program._original,
+                   sites=[copy.deepcopy(s) for s in program.sites],
+                   rejected=list(program.rejected), example_args=program.example_args,
+                   example_kwargs=program.example_kwargs,
+                   manifest=copy.deepcopy(program.manifest), tokenizer=program.tokenizer)
+
+
+def canonical_nodes(gm: GraphModule) -> dict[str, Node]:
+    return {n.name: n for n in gm.graph.nodes if n.op == "call_function" and n.target is ATTENTION}
+
+
+def lint(program: Program) -> None:
+    """The graph is well formed and every site still names a canonical node of matching heads."""
+    program.module.graph.lint()
+    nodes = canonical_nodes(program.module)
+    for site in program.sites:
+        node = nodes.get(site.node)
+        if node is None:
+            raise AssertionError(f"site {site.index} names missing node {site.node!r}")
+        q, k = (a.meta.get("val") for a in node.args[:2])
+        if q is not None and q.shape[1] != site.num_heads:
+            raise AssertionError(f"site {site.index}: graph has {q.shape[1]} query heads, "
+                                 f"site says {site.num_heads}")
+        if k is not None and k.shape[1] != site.num_kv_heads:
+            raise AssertionError(f"site {site.index}: graph has {k.shape[1]} kv heads, "
+                                 f"site says {site.num_kv_heads}")
+
+
+def remove_unused_attributes(gm: GraphModule) -> int:
+    """Delete parameters/buffers no get_attr reads any more (e.g. a removed k_proj). Returns
+    the number of elements freed."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    freed = 0
+    for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name in used:
+            continue
+        owner, _, attr = name.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        freed += tensor.numel()
+        delattr(module, attr)
+    return freed
+
+
+def run_passes(program: Program, passes: Iterable[tuple[Pass, Spec]],
+               ctx: PassContext) -> Program:
+    from rewriter.passes.canonicalize import cleanup
+
+    for pass_, spec in passes:
+        result = pass_.run(program, ctx)
+        program = result.program
+        cleanup(program.module)
+        result.counts["parameters_freed"] = remove_unused_attributes(program.module)
+        lint(program)
+        program.manifest.setdefault("passes", []).append(
+            {"spec": str(spec), "changed": result.changed, **result.counts})
+    return program

@@ -1,0 +1,65 @@
+"""Calibration: run batches through a copy of the program whose canonical nodes call back.
+
+The callback sees every site's q, k, v, mask and attributes and returns the site's output, so
+statistics (attention mass, K/V activations, attention maps) are collected in one forward
+pass per batch without materializing anything for sites that don't need it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from rewriter.passes.base import ATTENTION, PassContext
+from rewriter.patterns.graph import copy_graph, graph_module_from
+
+if TYPE_CHECKING:
+    from rewriter.program import Program
+
+# (site, q, k, v, attn_mask, attrs) -> output
+Observer = Callable[[int, Tensor, Tensor, Tensor, "Tensor | None", dict], Tensor]
+_OBSERVERS: list[Observer] = []
+
+
+def observed_attention(q, k, v, attn_mask=None, *, scale, is_causal=False, sparsity="",
+                       softcap=0.0, site: int):
+    attrs = {"scale": scale, "is_causal": is_causal, "sparsity": sparsity, "softcap": softcap}
+    return _OBSERVERS[-1](site, q, k, v, attn_mask, attrs)
+
+
+@contextlib.contextmanager
+def observing(fn: Observer) -> Iterator[None]:
+    _OBSERVERS.append(fn)
+    try:
+        yield
+    finally:
+        _OBSERVERS.pop()
+
+
+def instrumented(program: Program) -> torch.nn.Module:
+    """A module like program.module whose site s calls the current observer with site=s."""
+    gm = program.module
+    graph = copy_graph(gm)
+    index = {site.node: site.index for site in program.sites}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is ATTENTION and node.name in index:
+            node.target = observed_attention
+            node.kwargs = {**node.kwargs, "site": index[node.name]}
+    return graph_module_from(gm, graph)
+
+
+def calibrate(program: Program, ctx: PassContext, observer: Observer, task: str) -> None:
+    """Run every calibration batch with ``observer`` watching each site."""
+    module = instrumented(program)
+    batches = ctx.batches(program)
+    with torch.no_grad(), observing(observer):
+        for i, (args, kwargs) in enumerate(batches):
+            module(*args, **kwargs)
+            ctx.report(task, i + 1, len(batches))
+
+
+def default_output(q, k, v, attn_mask, attrs) -> Tensor:
+    return torch.ops.rewriter.attention(q, k, v, attn_mask, **attrs)

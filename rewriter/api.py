@@ -1,0 +1,70 @@
+"""`rewrite`: apply variant specs to a model or Program, in order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from rewriter.capture import capture
+from rewriter.program import Program
+from rewriter.specs import Spec, parse_spec
+
+
+def rewrite(
+    model_or_program: torch.nn.Module | Program,
+    specs: str | Sequence[str | Spec],
+    *,
+    args: tuple | None = None,
+    kwargs: dict | None = None,
+    calibration: Iterable | str | None = None,
+    progress=None,
+) -> Program:
+    """A new Program with each variant spec applied in order; the input is not changed.
+
+    ``calibration``: token batches ([B, S] tensors), ``(args, kwargs)`` pairs, or a text (needs a
+    Program with a tokenizer). By default (None), variants that need data calibrate on
+    pydoc_data.topics windows tokenized by the program's tokenizer."""
+    from rewriter.passes import PASSES
+    from rewriter.passes.base import PassContext, run_passes
+
+    if isinstance(specs, (str, Spec)):
+        specs = [specs]
+    parsed = [s if isinstance(s, Spec) else parse_spec(s) for s in specs]
+    passes = [(PASSES[s.name](s), s) for s in parsed]  # validates spec combinations early
+    if isinstance(model_or_program, Program):
+        program = model_or_program
+    else:
+        if args is None and kwargs is None:
+            raise TypeError("rewrite(model, ...) needs args= and/or kwargs= to capture with")
+        program = capture(model_or_program, args or (), kwargs)
+    ctx = PassContext(calibration=lambda: calibration_batches(program, calibration),
+                      progress=progress)
+    return run_passes(program, passes, ctx)
+
+
+def calibration_batches(program: Program, calibration: Any, *, seq_len: int = 512,
+                        batches: int = 4, batch_size: int = 1) -> list[tuple[tuple, dict]]:
+    """Normalize calibration input to (args, kwargs) calls of program.module."""
+    from rewriter.errors import SpecError
+    from rewriter.models import token_windows
+
+    if calibration is None or isinstance(calibration, str):
+        if program.tokenizer is None:
+            raise SpecError("this variant needs calibration data: pass calibration= token "
+                            "batches, or capture through rewriter.models.load so the "
+                            "tokenizer is known")
+        ids = token_windows(program.tokenizer, seq_len, batches * batch_size,
+                            text=calibration, offset=0)
+        calibration = list(ids.split(batch_size))
+    out = []
+    for batch in calibration:
+        if isinstance(batch, torch.Tensor):
+            out.append(program.call_with_tokens(batch))
+        elif isinstance(batch, dict):
+            out.append(((), batch))
+        else:
+            a, k = batch
+            out.append((tuple(a), dict(k)))
+    return out
