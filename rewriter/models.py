@@ -52,6 +52,17 @@ class LoadedModel:
         return (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+    def capture(self, seq_len: int = 16, batch: int = 2, **kwargs):
+        """Capture on real-text inputs; the Program keeps the tokenizer for calibration."""
+        from rewriter.capture import capture
+
+        args, kw = self.example_inputs(seq_len, batch)
+        program = capture(self.model, args, kw, **kwargs)
+        program.tokenizer = self.tokenizer
+        program.manifest["source"] = self.name
+        return program
+
+
 def zoo_path(entry: ZooModel) -> Path:
     spec = importlib.util.find_spec(entry.module)
     if spec is None or not spec.submodule_search_locations:
@@ -138,10 +149,26 @@ def calibration_text() -> str:
 
 def token_windows(tokenizer, seq_len: int, batch: int, text: str | None = None,
                   offset: int = 0) -> torch.Tensor:
-    """[batch, seq_len] consecutive windows of the tokenized text."""
-    ids = tokenizer(text or calibration_text()[: 40 * seq_len * batch + 40 * offset],
-                    return_tensors="pt", add_special_tokens=False).input_ids[0]
+    """[batch, seq_len] consecutive windows of the tokenized text, from token ``offset``."""
     need = seq_len * batch + offset
+    ids = _tokenized(tokenizer, text, need)
     if ids.numel() < need:
         raise ValueError(f"text has {ids.numel()} tokens, need {need}")
     return ids[offset:need].view(batch, seq_len).clone()
+
+
+_TOKENIZED: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _tokenized(tokenizer, text: str | None, need: int) -> torch.Tensor:
+    """Token ids of the text's longest cached prefix holding ``need`` tokens (English prose
+    runs about 4 characters a token; we read 8 per token needed, then all of it if short)."""
+    text = calibration_text() if text is None else text
+    for chars in (min(len(text), 8 * need + 64), len(text)):
+        key = (id(tokenizer), hash(text), chars)
+        if key not in _TOKENIZED:
+            _TOKENIZED[key] = torch.tensor(
+                tokenizer(text[:chars], add_special_tokens=False).input_ids, dtype=torch.long)
+        if _TOKENIZED[key].numel() >= need:
+            break
+    return _TOKENIZED[key]

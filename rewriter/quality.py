@@ -1,0 +1,51 @@
+"""Quality measures for variants: perplexity on held-out text, embedding similarity.
+
+Calibration reads the first tokens of the text (rewriter.models.token_windows, offset 0);
+evaluation windows start at ``EVAL_OFFSET`` tokens, so the two never overlap."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from rewriter.models import token_windows
+
+EVAL_OFFSET = 40_000  # tokens; calibration uses far fewer than this
+
+
+def eval_windows(tokenizer, ctx: int, count: int, text: str | None = None) -> torch.Tensor:
+    """[count, ctx] consecutive held-out windows."""
+    return token_windows(tokenizer, ctx, count, text=text, offset=0 if text else EVAL_OFFSET)
+
+
+def logits_fn(program) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ids [B, S] -> logits [B, S, V] through a Program (or anything with call_with_tokens)."""
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        args, kwargs = program.call_with_tokens(ids)
+        out = program.module(*args, **kwargs)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+    return run
+
+
+def perplexity(fn: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor,
+               progress: Callable[[int, int], None] | None = None) -> float:
+    """exp(mean next-token NLL) over all windows, one window per forward."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, ids in enumerate(windows):
+            logits = fn(ids[None])[0, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum")
+            total += float(nll)
+            count += ids.numel() - 1
+            if progress:
+                progress(i + 1, len(windows))
+    return math.exp(total / count)
+
+
+def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embeddings as sentence-transformers computes them for MiniLM."""
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
