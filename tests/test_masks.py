@@ -1,0 +1,105 @@
+"""MaskSpec: parsing, and property tests of every derived form against brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rewriter.errors import SpecError
+from rewriter.masks import EMPTY, FULL, PARTIAL, MaskSpec, causal_mask
+
+
+def brute_keep(spec: MaskSpec, h: int, i: int, j: int, sq: int, sk: int) -> bool:
+    """The definition, one element at a time."""
+    if spec.window is None:
+        return True
+    if spec.heads is not None and spec.heads[h] == "f":
+        return True
+    pos = i + sk - sq
+    dist = pos - j
+    keep = abs(dist) < spec.window and dist % spec.dilation == 0
+    return keep or j < spec.sink
+
+
+@st.composite
+def specs(draw, num_heads: int = 3):
+    window = draw(st.one_of(st.none(), st.integers(1, 12)))
+    if window is None:
+        return MaskSpec()
+    sink = draw(st.integers(0, 4))
+    dilation = draw(st.integers(1, 3))
+    heads = draw(st.one_of(st.none(), st.text("fs", min_size=num_heads, max_size=num_heads)))
+    return MaskSpec(window, sink, dilation, heads)
+
+
+@settings(max_examples=60, deadline=None)
+@given(spec=specs(), sq=st.integers(1, 17), extra=st.integers(0, 9))
+def test_dense_matches_brute_force(spec, sq, extra):
+    sk = sq + extra
+    dense = spec.dense(sq, sk, num_heads=3)
+    for h in range(dense.shape[0]):
+        for i in range(sq):
+            for j in range(sk):
+                assert bool(dense[h, i, j]) == brute_keep(spec, h, i, j, sq, sk)
+
+
+@settings(max_examples=60, deadline=None)
+@given(spec=specs(), sq=st.integers(1, 20), extra=st.integers(0, 9),
+       tq=st.integers(1, 6), tk=st.integers(1, 6), causal=st.booleans())
+def test_tile_map_and_density_match_brute_force(spec, sq, extra, tq, tk, causal):
+    sk = sq + extra
+    keep = spec.dense(sq, sk, num_heads=3)
+    if causal:
+        keep = keep & causal_mask(sq, sk)
+    tiles = spec.tile_map(sq, sk, tq, tk, num_heads=3, causal=causal)
+    for h in range(tiles.shape[0]):
+        for a in range(tiles.shape[1]):
+            for b in range(tiles.shape[2]):
+                block = keep[h, a * tq:(a + 1) * tq, b * tk:(b + 1) * tk]
+                want = EMPTY if not block.any() else FULL if block.all() else PARTIAL
+                assert int(tiles[h, a, b]) == want
+    if causal:
+        base = causal_mask(sq, sk)
+        want = float((keep & base).sum()) / (float(base.sum()) * keep.shape[0])
+    else:
+        want = float(keep.float().mean())
+    assert spec.density(sq, sk, num_heads=3, causal=causal) == pytest.approx(want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(spec=specs())
+def test_format_parse_roundtrip(spec):
+    assert MaskSpec.parse(spec.format()) == spec
+
+
+def test_mask_mod_broadcasts_like_flex_attention():
+    spec = MaskSpec(window=3, sink=1)
+    q = torch.arange(6).view(6, 1)
+    k = torch.arange(6).view(1, 6)
+    assert torch.equal(spec.mask_mod(0, 0, q, k), spec.dense(6, 6)[0])
+
+
+def test_window_covering_the_sequence_is_dense():
+    assert MaskSpec(window=8).dense(8, 8).all()
+    assert MaskSpec(window=8).density(8, 8, causal=True) == 1.0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("window=0", "positive"),
+    ("window=4,sink=-1", ">= 0"),
+    ("dilation=2", "needs a window"),
+    ("window=4,heads=fx", "f or s"),
+    ("window=4,block=2", "unknown item"),
+    ("window=four", "not an integer"),
+])
+def test_bad_specs_raise_one_line_errors(text, message):
+    with pytest.raises(SpecError, match=message) as err:
+        MaskSpec.parse(text)
+    assert "\n" not in str(err.value)
+
+
+def test_heads_table_length_must_match():
+    with pytest.raises(SpecError, match="3 entries for 4 heads"):
+        MaskSpec(window=2, heads="fsf").dense(4, 4, num_heads=4)
