@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import zoo
 
 import rewriter as rw
-import zoo
 from rewriter.masks import MaskSpec
 from rewriter.ops import reference_attention
 
