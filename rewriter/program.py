@@ -143,6 +143,12 @@ class Program:
             want = reference(*args, **kwargs)
         return compare_outputs(got, want, tolerance)
 
+    def accounting(self, ctx: int = 1024) -> dict:
+        """Attention density and FLOPs at ``ctx`` tokens, KV-cache bytes per token (bf16)."""
+        from rewriter.accounting import program_accounting
+
+        return program_accounting(self.sites, ctx)
+
     def summary(self, width: int = 160) -> str:
         from rich.console import Console
 
@@ -160,7 +166,7 @@ def sites_table(sites: list[AttentionSite], title: str | None = None):
 
     table = Table(title=title, show_lines=False, header_style="bold")
     for col in ("#", "layer", "module", "pattern", "Hq", "Hkv", "D", "positional", "mask",
-                "scale", "backend"):
+                "scale", "variant", "backend"):
         table.add_column(col, justify="right" if col in ("#", "layer", "Hq", "Hkv", "D")
                          else "left")
     for s in sites:
@@ -169,5 +175,16 @@ def sites_table(sites: list[AttentionSite], title: str | None = None):
             (" cross" if s.cross else "")
         table.add_row(str(s.index), "" if s.layer is None else str(s.layer), s.module_path,
                       pattern, str(s.num_heads), str(s.num_kv_heads), str(s.head_dim),
-                      s.positional, mask, f"{s.scale:.4g}", s.backend)
+                      s.positional, mask, f"{s.scale:.4g}", variant_label(s), s.backend)
     return table
+
+
+def variant_label(site: AttentionSite) -> str:
+    parts = []
+    if site.sparsity:
+        parts.append(site.sparsity)
+    if site.kv_source is not None:
+        parts.append(f"kv<-{site.kv_source}")
+    if site.attn_source is not None:
+        parts.append(f"attn<-{site.attn_source}")
+    return " ".join(parts) or "-"

@@ -1,0 +1,49 @@
+"""Accounting per site and per program: attention density, attention FLOPs at a context
+length, and KV-cache bytes per token."""
+
+from __future__ import annotations
+
+from rewriter.masks import MaskSpec, causal_mask
+from rewriter.site import AttentionSite
+
+
+def is_causal_site(site: AttentionSite) -> bool:
+    return site.is_causal or "causal" in site.mask
+
+
+def site_accounting(site: AttentionSite, ctx: int, bytes_per_element: int = 2) -> dict:
+    """density: kept fraction of what the model's own mask allows (1.0 = unchanged);
+    flops: multiply-adds x2 of q k^T and p v over the kept entries, for one sequence of ``ctx``
+    tokens; kv_bytes_per_token: what one more token adds to the KV cache (0 when the site
+    reads another site's K/V)."""
+    mask = MaskSpec.parse(site.sparsity)
+    causal = is_causal_site(site)
+    keep = mask.dense(ctx, ctx, site.num_heads)
+    base = causal_mask(ctx, ctx) if causal else keep.new_ones(ctx, ctx)
+    kept = float((keep & base).sum()) * (site.num_heads if keep.shape[0] == 1 else 1)
+    allowed = float(base.sum()) * site.num_heads
+    flops = 2 * kept * (site.head_dim + site.v_head_dim)
+    owns_kv = site.kv_source is None
+    return {
+        "site": site.index,
+        "density": kept / allowed,
+        "flops": flops,
+        "kv_bytes_per_token": site.kv_cache_bytes_per_token(bytes_per_element) if owns_kv else 0,
+    }
+
+
+def program_accounting(sites: list[AttentionSite], ctx: int = 1024,
+                       bytes_per_element: int = 2) -> dict:
+    rows = [site_accounting(s, ctx, bytes_per_element) for s in sites]
+    flops = sum(r["flops"] for r in rows)
+    dense_flops = sum(
+        2 * float(causal_mask(ctx, ctx).sum() if is_causal_site(s) else ctx * ctx)
+        * s.num_heads * (s.head_dim + s.v_head_dim) for s in sites)
+    return {
+        "ctx": ctx,
+        "bytes_per_element": bytes_per_element,
+        "attention_flops": flops,
+        "attention_density": flops / dense_flops if dense_flops else 1.0,
+        "kv_cache_bytes_per_token": sum(r["kv_bytes_per_token"] for r in rows),
+        "sites": rows,
+    }
