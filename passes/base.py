@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch.fx import GraphModule, Node
 
+import rewriter.ops  # noqa: F401  (registers torch.ops.rewriter.attention)
 from rewriter.patterns.graph import copy_graph, fetch_attr
 
 if TYPE_CHECKING:

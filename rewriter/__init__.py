@@ -4,11 +4,14 @@
     prog = rw.capture(model, args=(input_ids,))
     print(prog.summary())
     print(prog.verify())
+    new = rw.rewrite(prog, ["sparse:window=256,sink=4"])
+
+Attributes are imported on first use, so ``import rewriter`` (and the CLI's ``--help``) stays
+fast; torch and the canonical op load with the first capture.
 """
 
-from rewriter import ops  # noqa: F401  (registers torch.ops.rewriter.attention)
-from rewriter.api import rewrite
-from rewriter.capture import capture
+from importlib import import_module
+
 from rewriter.errors import (
     CaptureError,
     ModelLoadError,
@@ -16,12 +19,30 @@ from rewriter.errors import (
     RewriterError,
     SpecError,
 )
-from rewriter.program import Program, VerifyReport
-from rewriter.site import AttentionSite, Projection
+
+_LAZY = {
+    "capture": "rewriter.capture",
+    "rewrite": "rewriter.api",
+    "Program": "rewriter.program",
+    "VerifyReport": "rewriter.program",
+    "AttentionSite": "rewriter.site",
+    "Projection": "rewriter.site",
+    "MaskSpec": "rewriter.masks",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rewriter' has no attribute {name!r}")
+
 
 __all__ = [
     "AttentionSite",
     "CaptureError",
+    "MaskSpec",
     "ModelLoadError",
     "NoAttentionError",
     "Program",

@@ -11,6 +11,7 @@ import torch
 from torch.export import Dim
 from torch.utils._pytree import tree_map
 
+import rewriter.ops  # noqa: F401  (registers torch.ops.rewriter.attention)
 from rewriter.errors import CaptureError, NoAttentionError
 from rewriter.patterns.graph import copy_graph, graph_module_from
 
@@ -106,7 +107,7 @@ def capture(
             raise NoAttentionError(
                 f"no attention found in {type(model).__name__}"
                 + (f" ({len(rejected)} softmax(es) rejected; see `rewriter inspect --explain`)"
-                   if rejected else ""))
+                   if rejected else ""), rejected)
         sites = canonicalize(gm, matches)
         timings["find_canonicalize_s"] = time.perf_counter() - t0
     finally:

@@ -15,9 +15,14 @@ class CaptureError(RewriterError):
 
 
 class NoAttentionError(RewriterError):
-    """The model has no attention the patterns recognize."""
+    """The model has no attention the patterns recognize. ``rejected`` lists why each
+    softmax/SDPA candidate was not attention."""
 
     exit_code = 4
+
+    def __init__(self, message: str, rejected: list | None = None):
+        super().__init__(message)
+        self.rejected = rejected or []
 
 
 class ModelLoadError(RewriterError):

@@ -5,8 +5,10 @@ locate their files and never import those packages (their own imports pull in se
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,7 +119,8 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or \
             bool(gguf_file)
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        model = auto.from_pretrained(directory, **kwargs)
+        with _quiet_tqdm():  # transformers' GGUF dequantizer draws its own tqdm bar
+            model = auto.from_pretrained(directory, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             directory, **({"gguf_file": gguf_file} if gguf_file else {}))
     except Exception as exc:
@@ -126,6 +129,19 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
             from exc
     model.eval()
     return LoadedModel(display, model, tokenizer, causal)
+
+
+@contextlib.contextmanager
+def _quiet_tqdm():
+    old = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
 
 
 def _require_safetensors(directory: Path) -> None:

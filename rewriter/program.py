@@ -11,6 +11,7 @@ import torch
 from torch.fx import GraphModule
 from torch.utils._pytree import tree_leaves
 
+import rewriter.ops  # noqa: F401  (registers torch.ops.rewriter.attention)
 from rewriter.patterns.core import Rejection
 from rewriter.site import AttentionSite
 
