@@ -4,20 +4,18 @@
         every site (or the layers L, e.g. ``0-3;8``) gets sink+window(+dilation); with
         heads=H only those query heads (e.g. ``0;4``) do, the others keep full attention.
     sparse:heads=auto,density=P[,window=W][,sink=S][,ctx=N]
-        per KV head, a calibrated choice between full attention and sink+window, so that the
-        whole model computes a fraction P of the causal score matrix at context N. The heads
-        that lose the most attention mass to the window keep full context (DuoAttention/MoA
-        without training).
+        per KV head, a calibrated choice between full attention and sink+window (window W,
+        or by default a window per head from 16..512), so that the whole model computes a
+        fraction P of the causal score matrix at context N while losing the least attention
+        mass on calibration text (DuoAttention / MoA, without training).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from rewriter.errors import SpecError
-from rewriter.masks import MaskSpec, causal_mask
+from rewriter.masks import MaskSpec, causal_mask, head_table
 from rewriter.ops import reference_probs
 from rewriter.passes.base import PassContext, PassResult, canonical_nodes, clone_program
 from rewriter.passes.observe import calibrate, default_output
@@ -35,6 +33,7 @@ register("sparse", {
 })
 
 AUTO_WINDOW, AUTO_SINK = 64, 4
+WINDOW_CHOICES = (16, 32, 64, 128, 256, 512)
 
 
 class SparsePass:
@@ -85,47 +84,73 @@ class SparsePass:
         changed = [s.index for s in program.sites if s.index in tables]
         counts = {"sites": len(changed)}
         if p["heads"] == "auto":
-            counts["full_heads"] = sum(t.heads.count("f") for t in tables.values() if t.heads)
+            counts["full_heads"] = sum(int((t.head_windows(s.num_heads) == 0).sum())
+                                       for s in program.sites
+                                       if (t := tables.get(s.index)) is not None)
             counts["density_at_ctx"] = self._density(program, tables, p["ctx"])
         return PassResult(program, bool(changed), counts)
 
     # --- heads=auto ---------------------------------------------------------------------
 
     def _auto_tables(self, program, ctx: PassContext) -> dict[int, MaskSpec]:
+        """Per KV head: full attention or sink+window with a window from WINDOW_CHOICES (or
+        only the given window), minimizing the attention mass lost on calibration text at the
+        requested density: a Lagrangian relaxation, bisected on the price of density."""
         p = self.spec.params
-        window = p["window"] or AUTO_WINDOW
         sink = AUTO_SINK if p["sink"] is None else p["sink"]
-        pattern = MaskSpec(window, sink)
-        kept_mass: dict[int, torch.Tensor] = {}  # site -> [Hq] mass inside sink+window
+        length = p["ctx"]
+        windows = [p["window"]] if p["window"] else [w for w in WINDOW_CHOICES if w < length]
+        patterns = [MaskSpec(w, sink) for w in windows]
+        kept: dict[int, torch.Tensor] = {}  # site -> [options, Hq] attention mass kept
 
         def observer(site, q, k, v, attn_mask, attrs):
             probs = reference_probs(q, k, attn_mask, scale=attrs["scale"],
                                     is_causal=attrs["is_causal"], sparsity=attrs["sparsity"],
                                     softcap=attrs["softcap"])
-            keep = pattern.dense(q.shape[-2], k.shape[-2]).to(probs.device)  # [1, Sq, Sk]
-            mass = (probs * keep).sum(-1).mean(dim=(0, 2))  # [Hq]
-            kept_mass[site] = kept_mass.get(site, 0) + mass
+            sq, sk = q.shape[-2], k.shape[-2]
+            mass = torch.stack([(probs * m.dense(sq, sk).to(probs.device)).sum(-1).mean((0, 2))
+                                for m in patterns])
+            kept[site] = kept.get(site, 0) + mass
             return default_output(q, k, v, attn_mask, attrs)
 
         calibrate(program, ctx, observer, "sparse heads=auto: attention mass")
-        # Decide per KV head (its query heads share one KV cache stream).
-        candidates = []  # (lost mass, site, kv head)
+        n_batches = len(ctx.batches(program))
+        # options per KV head: 0 = full (loses nothing, density 1), i+1 = windows[i]
+        density = torch.tensor([1.0] + [m.density(length, length, causal=True)
+                                         for m in patterns])
+        groups, losses, weights = [], [], []
         for site in program.sites:
-            mass = kept_mass[site.index] / len(ctx.batches(program))
-            lost = 1.0 - mass.view(site.num_kv_heads, site.kv_group).mean(-1)
-            candidates += [(float(lost[g]), site.index, g) for g in range(site.num_kv_heads)]
-        sparse_density = pattern.density(p["ctx"], p["ctx"], causal=True)
-        target = p["density"]
-        n = len(candidates)
-        # n_full + (n - n_full) * d_s = P * n  ->  n_full = n (P - d_s) / (1 - d_s)
-        n_full = n if sparse_density >= 1 else math.ceil(
-            max(0.0, target - sparse_density) / (1 - sparse_density) * n)
-        full = {(s, g) for _, s, g in sorted(candidates, reverse=True)[:n_full]}
+            mass = kept[site.index] / n_batches  # [options, Hq]
+            per_kv = mass.view(len(patterns), site.num_kv_heads, site.kv_group).mean(-1)
+            for g in range(site.num_kv_heads):
+                groups.append((site.index, g))
+                losses.append(torch.cat([torch.zeros(1), 1.0 - per_kv[:, g]]))
+                weights.append(site.kv_group * site.head_dim)
+        loss = torch.stack(losses)  # [groups, options]
+        weight = torch.tensor(weights, dtype=torch.float64)
+
+        def choose(price: float) -> torch.Tensor:
+            return (loss + price * density).argmin(dim=1)
+
+        def overall(choice: torch.Tensor) -> float:
+            return float((weight * density[choice].double()).sum() / weight.sum())
+
+        lo, hi = 0.0, 1e4  # price of density: 0 keeps everything full
+        if overall(choose(hi)) > p["density"]:
+            choice = choose(hi)  # even the cheapest options exceed the budget
+        else:
+            for _ in range(60):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if overall(choose(mid)) > p["density"] else (lo, mid)
+            choice = choose(hi)
+        picked = {grp: int(c) for grp, c in zip(groups, choice, strict=True)}
         tables = {}
+        base = windows[0] if len(windows) == 1 else AUTO_WINDOW
         for site in program.sites:
-            letters = "".join("f" if (site.index, h // site.kv_group) in full else "s"
-                              for h in range(site.num_heads))
-            tables[site.index] = MaskSpec(window, sink, 1, letters)
+            entries = [None if picked[(site.index, h // site.kv_group)] == 0
+                       else windows[picked[(site.index, h // site.kv_group)] - 1]
+                       for h in range(site.num_heads)]
+            tables[site.index] = MaskSpec(base, sink, 1, head_table(entries, base))
         return tables
 
     @staticmethod

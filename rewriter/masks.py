@@ -7,8 +7,9 @@ ANDed). Positions are absolute: with Sq queries over Sk keys, query i sits at po
     window=W     keep keys with |pos_q - pos_k| < W (with a causal model: the last W tokens)
     sink=S       and always keep the first S keys (attention sinks)
     dilation=D   inside the window keep every D-th key (pos_q - pos_k divisible by D)
-    heads=T      per-head table, one letter per query head: "f" full attention,
-                 "s" the sparse pattern above; e.g. heads=ffss
+    heads=T      per-head table, one entry per query head: "f" full attention, "s" the
+                 pattern above; written as letters (heads=ffss) or, when heads use
+                 their own windows, slash-separated with window sizes (heads=f/64/s/256)
 
 String form: comma-separated ``key=value`` in the order above, e.g. ``window=256,sink=4``.
 The empty string is dense attention.
@@ -33,7 +34,7 @@ class MaskSpec:
     window: int | None = None
     sink: int = 0
     dilation: int = 1
-    heads: str | None = None  # per-query-head table of "f" (full) / "s" (sparse)
+    heads: str | None = None  # per-query-head table: "ffss" or "f/64/s/256" (see above)
 
     def __post_init__(self):
         if self.window is not None and self.window < 1:
@@ -44,8 +45,14 @@ class MaskSpec:
             raise SpecError(f"mask dilation={self.dilation}: must be >= 1")
         if self.dilation > 1 and self.window is None:
             raise SpecError("mask dilation needs a window")
-        if self.heads is not None and (not self.heads or set(self.heads) - {"f", "s"}):
-            raise SpecError(f"mask heads={self.heads!r}: one letter per head, f or s")
+        if self.heads is not None:
+            entries = _head_entries(self.heads)
+            if not entries or any(e not in ("f", "s") and not (e.isdigit() and int(e) > 0)
+                                  for e in entries):
+                raise SpecError(f"mask heads={self.heads!r}: one entry per head, f or s "
+                                "(or a window size, slash-separated)")
+            if self.window is None:
+                raise SpecError("mask heads= needs a window")
 
     # --- text form ------------------------------------------------------------------------
 
@@ -87,34 +94,38 @@ class MaskSpec:
 
     @property
     def is_dense(self) -> bool:
-        return self.window is None or (self.heads is not None and "s" not in self.heads)
+        return self.window is None or (
+            self.heads is not None and all(e == "f" for e in _head_entries(self.heads)))
 
     # --- evaluation -----------------------------------------------------------------------
 
-    def sparse_heads(self, num_heads: int) -> torch.Tensor:
-        """[H] bool: which heads use the sparse pattern."""
+    def head_windows(self, num_heads: int) -> torch.Tensor:
+        """[H] int64: each head's window; 0 marks a full-attention head."""
         if self.heads is None:
-            return torch.ones(num_heads, dtype=torch.bool)
-        if len(self.heads) != num_heads:
-            raise SpecError(f"mask heads={self.heads!r} has {len(self.heads)} entries for "
+            return torch.full((num_heads,), self.window or 0, dtype=torch.long)
+        entries = _head_entries(self.heads)
+        if len(entries) != num_heads:
+            raise SpecError(f"mask heads={self.heads!r} has {len(entries)} entries for "
                             f"{num_heads} heads")
-        return torch.tensor([c == "s" for c in self.heads])
+        return torch.tensor([0 if e == "f" else self.window if e == "s" else int(e)
+                             for e in entries], dtype=torch.long)
 
-    def mask_mod(self, b, h, q_idx, kv_idx, *, offset: int = 0, sparse_heads=None):
+    def mask_mod(self, b, h, q_idx, kv_idx, *, offset: int = 0, windows=None):
         """Broadcasting keep-predicate on index tensors (FlexAttention's mask_mod signature).
 
-        ``offset`` = Sk - Sq places query i at position i + offset."""
+        ``offset`` = Sk - Sq places query i at position i + offset; ``windows`` is
+        head_windows(H) when the spec has a per-head table."""
         if self.window is None:
             return torch.ones_like(q_idx + kv_idx, dtype=torch.bool)
         dist = (q_idx + offset) - kv_idx
-        keep = dist.abs() < self.window
+        window = windows[h] if windows is not None else self.window
+        keep = dist.abs() < window
         if self.dilation > 1:
             keep = keep & (dist.remainder(self.dilation) == 0)
         if self.sink:
             keep = keep | (kv_idx < self.sink)
-        if self.heads is not None:
-            full = ~sparse_heads[h] if sparse_heads is not None else False
-            keep = keep | full
+        if windows is not None:
+            keep = keep | (window == 0)
         return keep
 
     def dense(self, sq: int, sk: int, num_heads: int = 1, device=None) -> torch.Tensor:
@@ -124,8 +135,8 @@ class MaskSpec:
         if self.heads is None:
             return self.mask_mod(None, None, q, k, offset=sk - sq)
         h = torch.arange(num_heads, device=device).view(num_heads, 1, 1)
-        sparse = self.sparse_heads(num_heads).to(device)
-        return self.mask_mod(None, h, q, k, offset=sk - sq, sparse_heads=sparse)
+        windows = self.head_windows(num_heads).to(device)
+        return self.mask_mod(None, h, q, k, offset=sk - sq, windows=windows)
 
     def tile_map(self, sq: int, sk: int, tile_q: int, tile_k: int, *, num_heads: int = 1,
                  causal: bool = False) -> torch.Tensor:
@@ -153,6 +164,18 @@ class MaskSpec:
             base = causal_mask(sq, sk)
             return float((keep & base).sum() / (base.sum() * keep.shape[0]))
         return float(keep.float().mean())
+
+
+def _head_entries(heads: str) -> list[str]:
+    return heads.split("/") if "/" in heads else list(heads)
+
+
+def head_table(entries: list[int | None], window: int) -> str:
+    """Per-head table text: None = full, an int = that head's window."""
+    letters = ["f" if e is None else "s" if e == window else str(e) for e in entries]
+    if all(len(x) == 1 for x in letters):
+        return "".join(letters)
+    return "/".join(letters)
 
 
 def causal_mask(sq: int, sk: int) -> torch.Tensor:

@@ -15,11 +15,15 @@ def brute_keep(spec: MaskSpec, h: int, i: int, j: int, sq: int, sk: int) -> bool
     """The definition, one element at a time."""
     if spec.window is None:
         return True
-    if spec.heads is not None and spec.heads[h] == "f":
-        return True
+    window = spec.window
+    if spec.heads is not None:
+        entries = spec.heads.split("/") if "/" in spec.heads else list(spec.heads)
+        if entries[h] == "f":
+            return True
+        window = spec.window if entries[h] == "s" else int(entries[h])
     pos = i + sk - sq
     dist = pos - j
-    keep = abs(dist) < spec.window and dist % spec.dilation == 0
+    keep = abs(dist) < window and dist % spec.dilation == 0
     return keep or j < spec.sink
 
 
@@ -30,7 +34,10 @@ def specs(draw, num_heads: int = 3):
         return MaskSpec()
     sink = draw(st.integers(0, 4))
     dilation = draw(st.integers(1, 3))
-    heads = draw(st.one_of(st.none(), st.text("fs", min_size=num_heads, max_size=num_heads)))
+    letters = st.text("fs", min_size=num_heads, max_size=num_heads)
+    windows = st.lists(st.one_of(st.just("f"), st.just("s"), st.integers(1, 12).map(str)),
+                       min_size=num_heads, max_size=num_heads).map("/".join)
+    heads = draw(st.one_of(st.none(), letters, windows))
     return MaskSpec(window, sink, dilation, heads)
 
 
@@ -91,6 +98,8 @@ def test_window_covering_the_sequence_is_dense():
     ("window=4,sink=-1", ">= 0"),
     ("dilation=2", "needs a window"),
     ("window=4,heads=fx", "f or s"),
+    ("window=4,heads=f/0", "f or s"),
+    ("heads=ff", "needs a window"),
     ("window=4,block=2", "unknown item"),
     ("window=four", "not an integer"),
 ])
