@@ -120,10 +120,12 @@ def run_passes(program: Program, passes: Iterable[tuple[Pass, Spec]],
     from rewriter.passes.canonicalize import cleanup
 
     for pass_, spec in passes:
+        before = program.parameter_count()
         result = pass_.run(program, ctx)
         program = result.program
         cleanup(program.module)
-        result.counts["parameters_freed"] = remove_unused_attributes(program.module)
+        remove_unused_attributes(program.module)
+        result.counts["parameters_removed"] = before - program.parameter_count()
         lint(program)
         program.manifest.setdefault("passes", []).append(
             {"spec": str(spec), "changed": result.changed, **result.counts})

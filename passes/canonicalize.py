@@ -42,6 +42,10 @@ class Emitter:
                 node.meta["val"] = target(*map_arg(args, val), **map_arg(kwargs, val))
         return node
 
+    def fake(self, tensor: torch.Tensor):
+        """The traced value of a real tensor (a parameter about to be read by get_attr)."""
+        return self.fake_mode.from_tensor(tensor) if self.fake_mode is not None else tensor
+
     def operand(self, operand: Operand) -> Node:
         node = operand.node
         for step in operand.steps:

@@ -109,9 +109,18 @@ def fetch_attr(gm: GraphModule, target: str) -> Any:
     return _fetch_attr(gm, target)
 
 
+# Ops that read only a tensor's shape/dtype, never its values.
+SHAPE_ONLY = {
+    aten._assert_tensor_metadata.default, aten.sym_size.int, aten.full_like.default,
+    aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
+    aten.new_full.default, aten.new_zeros.default, aten.new_ones.default,
+    aten.new_empty.default,
+}
+
+
 def data_users(node: Node) -> list[Node]:
-    """Users that consume the value (runtime metadata assertions do not count)."""
-    return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
+    """Users that consume the value (shape-only reads such as full_like do not count)."""
+    return [u for u in node.users if u.target not in SHAPE_ONLY]
 
 
 def getitem_of(node: Node) -> tuple[Node, int] | None:

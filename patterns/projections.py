@@ -96,16 +96,21 @@ def projection_input(node: Node) -> Node:
     return node.args[1] if node.target is aten.addmm.default else node.args[0]
 
 
-def _make_projection(node: Node, features: tuple[tuple[int, ...], ...]) -> Projection:
+def _make_projection(node: Node, features: tuple[tuple[int, ...], ...],
+                     output: bool = False) -> Projection:
+    """``output``: the projection reads the heads (o_proj), so its *input* features count."""
     if node.target is aten.linear.default:
         bias = node.args[2] if len(node.args) > 2 else None
-        return Projection(node.name, node.args[1].target,
-                          bias.target if is_parameter(bias) else None, "linear", features)
-    if node.target is aten.addmm.default:
-        bias = node.args[0]
-        return Projection(node.name, node.args[2].target,
-                          bias.target if is_parameter(bias) else None, "conv1d", features)
-    return Projection(node.name, node.args[1].target, None, "matmul", features)
+        weight, kind, bias = node.args[1], "linear", bias
+    elif node.target is aten.addmm.default:
+        weight, kind, bias = node.args[2], "conv1d", node.args[0]
+    else:
+        weight, kind, bias = node.args[1], "matmul", None
+    w_shape = shape(weight)
+    out_dim = 0 if kind == "linear" else 1
+    total = w_shape[1 - out_dim] if output else w_shape[out_dim]
+    return Projection(node.name, weight.target, bias.target if is_parameter(bias) else None,
+                      kind, features, int(total))
 
 
 @dataclass
@@ -189,7 +194,7 @@ def trace_output_projection(output: Node, canonical_dims: tuple, out_steps) -> P
         cols = (head[0] == hh).nonzero().flatten()
         order = chan[0, cols].argsort()
         features.append(tuple(int(c) for c in cols[order]))
-    return _make_projection(users[0], tuple(features))
+    return _make_projection(users[0], tuple(features), output=True)
 
 
 def _rows_equal(t: torch.Tensor) -> bool:

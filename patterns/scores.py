@@ -155,7 +155,8 @@ def walk_scores(x: Node, gm: GraphModule) -> ScoreForm:
                 raise MatchFailure(f"{node.name} selects between two computed tensors", node)
             continue
         raise MatchFailure(f"the scores trace back to {node.name} ({_op_name(node)}), which is "
-                           "not q @ k^T or a scale, mask or cast of it", node)
+                           "not a product of two activations (q @ k^T) nor a scale, mask or "
+                           "cast of one: not attention", node)
 
     form = ScoreForm(product=node, nodes=chain)
     for kind, where, payload in reversed(ops):

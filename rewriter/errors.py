@@ -35,3 +35,9 @@ class SpecError(RewriterError):
     """A variant spec that does not parse or does not apply."""
 
     exit_code = 2
+
+
+class CalibrationError(RewriterError):
+    """Calibration data that does not fit the model (or is missing)."""
+
+    exit_code = 2

@@ -12,6 +12,7 @@ from torch.fx import GraphModule
 from torch.utils._pytree import tree_leaves
 
 import rewriter.ops  # noqa: F401  (registers torch.ops.rewriter.attention)
+from rewriter.errors import CalibrationError
 from rewriter.patterns.core import Rejection
 from rewriter.site import AttentionSite
 
@@ -102,21 +103,29 @@ class Program:
         return self.module(*args, **kwargs)
 
     def call_with_tokens(self, ids: torch.Tensor) -> tuple[tuple, dict]:
-        """(args, kwargs) calling the module like the example inputs, with other token ids."""
+        """(args, kwargs) calling the module like the example inputs, with other token ids
+        (every ``*input_ids`` input gets them; masks become all-ones)."""
         def like(name, value):
-            if name == "attention_mask":
+            if not isinstance(value, torch.Tensor):
+                return value
+            if name.endswith("input_ids"):
+                return ids
+            if name.endswith("attention_mask"):
                 return torch.ones_like(ids)
             if name == "token_type_ids":
                 return torch.zeros_like(ids)
-            if name == "input_ids":
-                return ids
-            return value
+            raise CalibrationError(f"cannot make input {name!r} from token ids: pass "
+                                   "calibration as (args, kwargs) batches for this model")
 
         kwargs = {k: like(k, v) for k, v in self.example_kwargs.items()}
-        if self.example_args:
-            return (ids, *self.example_args[1:]), kwargs
-        if "input_ids" not in kwargs:
-            raise ValueError("cannot tell where token ids go: the example inputs have no "
+        args = self.example_args
+        if args:
+            if not (isinstance(args[0], torch.Tensor) and not args[0].is_floating_point()):
+                raise CalibrationError("the model does not take token ids: pass calibration as "
+                                 "(args, kwargs) batches")
+            return (ids, *(like(f"arg{i}", a) for i, a in enumerate(args[1:], 1))), kwargs
+        if not any(k.endswith("input_ids") for k in kwargs):
+            raise CalibrationError("cannot tell where token ids go: the example inputs have no "
                              "positional tensor and no input_ids")
         return (), kwargs
 

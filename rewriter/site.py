@@ -18,15 +18,15 @@ class Projection:
     bias: str | None
     kind: str  # "linear" (W is [out, in]) or "conv1d" (W is [in, out], GPT-2) or "matmul"
     features: tuple[tuple[int, ...], ...] = field(repr=False)
+    total: int = 0  # the weight's output features (input features for o_proj)
 
     def __repr__(self) -> str:
         return f"Projection({self.describe()}, {self.kind}, heads={len(self.features)})"
 
     @property
     def fused(self) -> bool:
-        heads = len(self.features)
-        width = len(self.features[0]) if heads else 0
-        return self.out_features_used < heads * width or self.first_feature != 0
+        """The weight also feeds something else (e.g. the k and v of a fused QKV)."""
+        return self.out_features_used < self.total
 
     @property
     def out_features_used(self) -> int:

@@ -1,0 +1,314 @@
+"""``gqa:kv-heads=N[,grouping=contiguous|similarity][,merge=mean|fit]``: convert every site to N
+KV heads. K/V projections physically shrink; query heads stay.
+
+merge=mean  mean-pools the K and V projection rows of each group (Ainslie et al. 2023).
+merge=fit   (default) training-free and calibrated; alignment maps are folded into the
+            neighbouring weights so merging loses as little as possible:
+  values    shared basis = the top-Dv principal directions of the group's value activations;
+            each original head's map from it (its block of the basis) folds into the o_proj
+            columns of the query heads that read it.
+  keys      under RoPE, per frequency pair a complex scalar per head (a 2x2 rotation-scaling,
+            which commutes with RoPE) folds into the query projection; the shared key of each
+            pair is the top singular direction of the group's keys weighted by the queries
+            that read them (post-RoPE statistics equal pre-RoPE ones: the rotation is common
+            to all heads at a position). Without RoPE, a PCA basis as for values.
+  Per site, fit is kept only if it reconstructs the attention output on calibration data
+  better than mean (so fit never loses to mean there).
+grouping=similarity groups KV heads whose keys/values are most alike (query heads follow).
+
+Shape glossary: H query heads, Hkv KV heads, N new KV heads, g = H / Hkv, D head dim,
+E model width, T calibration tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rewriter.errors import SpecError
+from rewriter.ops import reference_attention
+from rewriter.passes.base import PassContext, PassResult, clone_program
+from rewriter.passes.heads import (
+    HeadWeights,
+    OutWeights,
+    node_of,
+    rebuild_site,
+    site_heads,
+)
+from rewriter.passes.observe import calibrate, default_output
+from rewriter.passes.surgery import _between, trace_input
+from rewriter.specs import Key, Spec, choice, positive_int, register
+
+register("gqa", {
+    "kv-heads": Key(positive_int, "a positive integer dividing every site's query heads",
+                    required=True),
+    "grouping": Key(choice("contiguous", "similarity"), "contiguous or similarity",
+                    default="contiguous"),
+    "merge": Key(choice("mean", "fit"), "mean or fit", default="fit"),
+})
+
+MAX_CALIBRATION_TOKENS = 2048  # per site, for the fit statistics and the fit-vs-mean check
+
+
+def _divisors(n: int) -> set[int]:
+    return {d for d in range(1, n + 1) if n % d == 0}
+
+
+class GqaPass:
+    name = "gqa"
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+
+    def run(self, program, ctx: PassContext) -> PassResult:
+        program = clone_program(program)
+        n = self.spec.params["kv-heads"]
+        valid = set.intersection(*(_divisors(s.num_heads) & _divisors(s.num_kv_heads)
+                                   for s in program.sites))
+        if n not in valid:
+            raise SpecError(f"spec {self.spec}: kv-heads={n} must divide every site's query "
+                            f"and KV heads (valid: {', '.join(map(str, sorted(valid)))})")
+        todo = [s for s in program.sites if s.num_kv_heads != n]
+        calibrated = self.spec.params["merge"] == "fit" or \
+            self.spec.params["grouping"] == "similarity"
+        acts = self._activations(program, ctx, {s.index for s in todo}) if calibrated else {}
+        before = sum(s.kv_cache_bytes_per_token() for s in program.sites)
+        chosen = {}
+        for site in todo:
+            heads = site_heads(program.module, site)
+            groups = self._groups(site, n, acts.get(site.index))
+            order = [h for grp in groups for h in grp]  # KV heads, group by group
+            size, g = len(order) // n, site.kv_group
+            q_order = [h * g + i for h in order for i in range(g)]
+            d, dv = heads["k"].weight.shape[1], heads["v"].weight.shape[1]
+            plans = [mean_plan(size, d, dv) for _ in range(n)]
+            chosen[site.index] = "mean"
+            if self.spec.params["merge"] == "fit" and acts.get(site.index):
+                a = acts[site.index]["batches"]
+                k_act, v_act, q_act = _flat(a, "k"), _flat(a, "v"), _flat(a, "q")
+                keys = key_fit_kind(program, site)
+                fitted = [fit_plan(k_act[grp], v_act[grp],
+                                   q_act.view(site.num_kv_heads, g, *q_act.shape[1:])[grp], keys)
+                          for grp in (torch.tensor(gr) for gr in groups)]
+                err_fit = reconstruction_error(acts[site.index], order, fitted, g)
+                err_mean = reconstruction_error(acts[site.index], order, plans, g)
+                if err_fit <= err_mean:
+                    plans, chosen[site.index] = fitted, "fit"
+            merged = apply_plans(heads["q"].select(q_order), heads["k"].select(order),
+                                 heads["v"].select(order), heads["o"].select(q_order), plans, g)
+            rebuild_site(program, site, merged)
+        program.module.recompile()
+        after = sum(s.kv_cache_bytes_per_token() for s in program.sites)
+        return PassResult(program, bool(todo), {
+            "kv_heads": n, "merge": chosen, "kv_cache_bytes_per_token": [before, after]})
+
+    # --- calibration statistics -------------------------------------------------------
+
+    def _activations(self, program, ctx: PassContext, wanted: set[int]) -> dict:
+        """Per site: q [H, T, D], k [Hkv, T, D], v [Hkv, T, Dv] (post-positional, as the core
+        sees them) and the per-head attention output [H, T, Dv], over up to
+        MAX_CALIBRATION_TOKENS query tokens (the core runs on the full sequences)."""
+        stats: dict[int, dict] = {}
+
+        def observer(site, q, k, v, attn_mask, attrs):
+            out = default_output(q, k, v, attn_mask, attrs)
+            if site in wanted:
+                entry = stats.setdefault(site, {"batches": []})
+                have = sum(b["q"].shape[0] * b["q"].shape[2] for b in entry["batches"])
+                if have < MAX_CALIBRATION_TOKENS:
+                    entry["batches"].append({"q": q.float(), "k": k.float(), "v": v.float(),
+                                             "mask": attn_mask, "attrs": attrs,
+                                             "out": out.float()})
+            return out
+
+        calibrate(program, ctx, observer, f"{self.spec}: activations")
+        return stats
+
+    def _groups(self, site, n: int, acts) -> list[list[int]]:
+        size = site.num_kv_heads // n
+        if self.spec.params["grouping"] == "contiguous" or size == 1:
+            return [list(range(j * size, (j + 1) * size)) for j in range(n)]
+        return similarity_groups(acts, site.num_kv_heads, size)
+
+
+def key_fit_kind(program, site) -> str:
+    """Which key alignment commutes with the site's positional transform."""
+    if site.positional == "none":
+        return "pca"
+    if site.positional != "rope" or site.head_dim % 2:
+        return "mean"  # partial or unknown transforms: keep keys mean-pooled
+    chain = trace_input(node_of(program, site).args[1])
+    ops = {n.target for out, inp in chain.units for n in _between(inp, out)}
+    return "interleaved" if torch.ops.aten.stack.default in ops else "half"
+
+
+@dataclass
+class GroupPlan:
+    """How one new KV head is made from ``size`` old ones (as linear maps on activations, which
+    are the same maps on projection rows):
+
+        k_j = k_mix @ [k_h1; k_h2; ...]      k_h ~ k_maps[m] @ k_j   (folded into q rows)
+        v_j = v_mix @ [v_h1; v_h2; ...]      v_h ~ v_maps[m] @ v_j   (folded into o columns)
+    """
+
+    k_mix: torch.Tensor  # [D, size*D]
+    v_mix: torch.Tensor  # [Dv, size*Dv]
+    k_maps: list[torch.Tensor]  # [D, D] per member
+    v_maps: list[torch.Tensor]  # [Dv, Dv] per member
+
+
+def mean_plan(size: int, d: int, dv: int) -> GroupPlan:
+    eye_k, eye_v = torch.eye(d, dtype=torch.float64), torch.eye(dv, dtype=torch.float64)
+    return GroupPlan(torch.cat([eye_k] * size, 1) / size, torch.cat([eye_v] * size, 1) / size,
+                     [eye_k] * size, [eye_v] * size)
+
+
+def fit_plan(k_act: torch.Tensor, v_act: torch.Tensor, q_act: torch.Tensor,
+             keys: str) -> GroupPlan:
+    """k_act [size, T, D], v_act [size, T, Dv] of one group's KV heads; q_act [size, g, T, D]
+    the queries reading each of them. ``keys``: "half" / "interleaved" (RoPE pairing), "pca"
+    (no positional transform) or "mean" (a transform we cannot commute with)."""
+    size, _, d = k_act.shape
+    v_mix, v_maps = _pca(v_act)
+    if keys in ("half", "interleaved"):
+        k_mix, k_maps = _rope_pairs(k_act, q_act, interleaved=keys == "interleaved")
+    elif keys == "pca":
+        k_mix, k_maps = _pca(k_act)
+    else:
+        plan = mean_plan(size, d, v_act.shape[-1])
+        k_mix, k_maps = plan.k_mix, plan.k_maps
+    return GroupPlan(k_mix, v_mix, k_maps, v_maps)
+
+
+def _pca(act: torch.Tensor):
+    """Shared basis U [size*D, D] of the group's activations; mix = U^T, maps[m] = U_m."""
+    size, _, d = act.shape
+    stacked = act.double().permute(0, 2, 1).reshape(size * d, -1)  # [size*D, T]
+    _, evecs = torch.linalg.eigh(stacked @ stacked.T)
+    u = evecs[:, -d:].flip(-1)
+    return u.T, [u[m * d:(m + 1) * d] for m in range(size)]
+
+
+def _rope_pairs(k_act: torch.Tensor, q_act: torch.Tensor, interleaved: bool = False):
+    """RoPE pairs as complex numbers: (p, p + D/2) for rotate-half, (2p, 2p + 1) for
+    rotate-every-two. Per pair: minimize
+    sum_h w_h^2 |k_h - c_h k_j|^2, w_h^2 the energy of the queries reading head h on that pair:
+    k_j = sum_h conj(u_h) w_h k_h and c_h = u_h / w_h, u the top eigenvector of the weighted
+    Gram matrix. A complex scalar is a 2x2 rotation-scaling, so it commutes with RoPE."""
+    size, _, d = k_act.shape
+    half = d // 2
+    re = torch.arange(0, d, 2) if interleaved else torch.arange(half)
+    im = re + 1 if interleaved else re + half
+    kc = torch.complex(k_act[..., re].double(), k_act[..., im].double())  # [size, T, D/2]
+    qc = torch.complex(q_act[..., re].double(), q_act[..., im].double())
+    weight = (qc.abs() ** 2).mean(dim=(1, 2)).sqrt().clamp_min(1e-12)  # [size, D/2]
+    mix = torch.zeros(d, size * d, dtype=torch.float64)
+    maps = [torch.zeros(d, d, dtype=torch.float64) for _ in range(size)]
+    for p in range(half):
+        weighted = weight[:, p, None] * kc[:, :, p]  # [size, T]
+        _, evecs = torch.linalg.eigh(weighted @ weighted.conj().T)
+        u = evecs[:, -1]
+        a = u.conj() * weight[:, p]  # k_j = sum_h a_h k_h
+        c = u / weight[:, p]  # k_h ~ c_h k_j
+        r, i = int(re[p]), int(im[p])
+        for m in range(size):
+            _put_complex(mix, (r, i), (m * d + r, m * d + i), a[m])
+            _put_complex(maps[m], (r, i), (r, i), c[m])
+    return mix, maps
+
+
+def _put_complex(mat: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int],
+                 z: torch.Tensor) -> None:
+    """Write multiplication by z (on the pair ``cols`` as x + iy) into ``rows``:
+    (x + iy) z = (zr x - zi y) + i (zi x + zr y)."""
+    (r0, r1), (c0, c1) = rows, cols
+    mat[r0, c0], mat[r0, c1] = z.real, -z.imag
+    mat[r1, c0], mat[r1, c1] = z.imag, z.real
+
+
+def apply_plans(q: HeadWeights, k: HeadWeights, v: HeadWeights, o: OutWeights,
+                plans: list[GroupPlan], g: int) -> dict:
+    """New weights: merged K/V rows, query rows and o columns with the maps folded in. All
+    inputs are in the new head order (groups contiguous)."""
+    size = k.weight.shape[0] // len(plans)
+    dtype = k.weight.dtype
+
+    def mixed(hw: HeadWeights, mixes) -> HeadWeights:
+        rows = hw.weight.double().reshape(len(plans), -1, hw.weight.shape[-1])
+        w = torch.stack([m @ r for m, r in zip(mixes, rows, strict=True)])
+        b = None
+        if hw.bias is not None:
+            bias = hw.bias.double().reshape(len(plans), -1)
+            b = torch.stack([m @ r for m, r in zip(mixes, bias, strict=True)]).to(dtype)
+        return HeadWeights(w.to(dtype), b)
+
+    new_q, new_qb = q.weight.double().clone(), None if q.bias is None else q.bias.double().clone()
+    new_o = o.weight.double().clone()
+    for j, plan in enumerate(plans):
+        for m in range(size):
+            for i in range(g):
+                row = (j * size + m) * g + i
+                # q . (M k_j) = (M^T q) . k_j ;  W_o (M v_j) = (W_o M) v_j
+                new_q[row] = plan.k_maps[m].T @ new_q[row]
+                if new_qb is not None:
+                    new_qb[row] = plan.k_maps[m].T @ new_qb[row]
+                new_o[:, row] = new_o[:, row] @ plan.v_maps[m]
+    return {
+        "q": HeadWeights(new_q.to(dtype), None if new_qb is None else new_qb.to(dtype)),
+        "k": mixed(k, [p.k_mix for p in plans]),
+        "v": mixed(v, [p.v_mix for p in plans]),
+        "o": OutWeights(new_o.to(dtype), o.bias),
+    }
+
+
+def _flat(batches, key: str) -> torch.Tensor:
+    """[heads, T, D] over all calibration batches."""
+    return torch.cat([b[key].permute(1, 0, 2, 3).flatten(1, 2) for b in batches], dim=1)
+
+
+def similarity_groups(acts, kv_heads: int, size: int) -> list[list[int]]:
+    """Greedy equal-size clustering of KV heads by cosine similarity of their K and V."""
+    k, v = _flat(acts["batches"], "k"), _flat(acts["batches"], "v")
+    feats = torch.nn.functional.normalize(torch.cat([k.flatten(1), v.flatten(1)], 1), dim=1)
+    sim = feats @ feats.T
+    left, groups = list(range(kv_heads)), []
+    while left:
+        seed = left[0]
+        ranked = sorted(left[1:], key=lambda h: -float(sim[seed, h]))
+        grp = [seed, *ranked[: size - 1]]
+        groups.append(sorted(grp))
+        left = [h for h in left if h not in grp]
+    return groups
+
+
+def reconstruction_error(acts, order: list[int], plans: list[GroupPlan], g: int) -> float:
+    """Squared error, over the calibration batches, of every query head's attention output
+    (in the o_proj input space of the original head) after merging with ``plans``."""
+    size = len(order) // len(plans)
+    q_order = torch.tensor([h * g + i for h in order for i in range(g)])
+    err = 0.0
+    for b in acts["batches"]:
+        q = b["q"][:, q_order].double()
+        k, v = b["k"][:, order].double(), b["v"][:, order].double()
+        out = b["out"][:, q_order].double()
+        ks, vs, qs, maps_v = [], [], [], []
+        for j, plan in enumerate(plans):
+            grp = slice(j * size, (j + 1) * size)
+            ks.append(torch.einsum("de,bse->bsd", plan.k_mix,
+                                   k[:, grp].permute(0, 2, 1, 3).flatten(2)))
+            vs.append(torch.einsum("de,bse->bsd", plan.v_mix,
+                                   v[:, grp].permute(0, 2, 1, 3).flatten(2)))
+            for m in range(size):
+                for i in range(g):
+                    row = (j * size + m) * g + i
+                    qs.append(q[:, row] @ plan.k_maps[m])  # (M^T q)^T = q^T M
+                    maps_v.append(plan.v_maps[m])
+        kn, vn, qn = torch.stack(ks, 1), torch.stack(vs, 1), torch.stack(qs, 1)
+        attrs = b["attrs"]
+        mask = b["mask"].double() if b["mask"] is not None and b["mask"].is_floating_point() \
+            else b["mask"]
+        got = reference_attention(qn, kn, vn, mask, **attrs)  # [B, H, S, Dv]
+        got = torch.stack([got[:, r] @ maps_v[r].T for r in range(got.shape[1])], 1)
+        err += float(((got - out) ** 2).sum())
+    return err

@@ -1,0 +1,113 @@
+"""The real checkpoints shipped on these machines: SmolLM2-135M (Llama, GQA 9/3, RoPE) and
+all-MiniLM-L6-v2 (BERT encoder). Each is loaded and captured once per process."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import pytest
+import torch
+from attn_testlib import TOL, canonical_nodes
+
+import rewriter as rw
+from rewriter.models import load
+
+pytestmark = pytest.mark.slow
+
+CAPTURE_SEQ = 16
+LENGTHS = [CAPTURE_SEQ, 33, 70]
+
+
+@dataclass
+class Real:
+    loaded: object
+    prog: rw.Program
+
+
+@functools.cache
+def _real(name: str) -> Real:
+    loaded = load(name)
+    args, kwargs = loaded.example_inputs(CAPTURE_SEQ, 2)
+    return Real(loaded, rw.capture(loaded.model, args, kwargs))
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return _real("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return _real("minilm-l6")
+
+
+def test_smollm2_sites(smollm):
+    sites = smollm.prog.sites
+    assert len(sites) == 30
+    assert {(s.num_heads, s.num_kv_heads, s.head_dim) for s in sites} == {(9, 3, 64)}
+    assert {s.positional for s in sites} == {"rope"}
+    assert {s.kv_expansion for s in sites} == {"repeat_kv"}
+    assert [s.layer for s in sites] == list(range(30))
+    assert all(s.q_proj is not None and s.q_proj.weight.endswith("self_attn.q_proj.weight")
+               for s in sites)
+    assert all(s.o_proj is not None for s in sites)
+    assert all("causal" in s.mask for s in sites)
+    assert len(canonical_nodes(smollm.prog)) == 30
+
+
+@pytest.mark.parametrize("seq", LENGTHS)
+def test_smollm2_identity(smollm, seq):
+    args, kwargs = smollm.loaded.example_inputs(seq, 2)
+    report = smollm.prog.verify(smollm.loaded.model, args, kwargs)
+    assert report.max_rel <= TOL, str(report)
+
+
+def test_smollm2_eager_attention_identity(smollm):
+    """The same weights with transformers' eager attention (matmul + softmax)."""
+    model = smollm.loaded.model
+    model.set_attn_implementation("eager")
+    try:
+        args, kwargs = smollm.loaded.example_inputs(CAPTURE_SEQ, 2)
+        prog = rw.capture(model, args, kwargs)
+        assert len(prog.sites) == 30
+        assert {(s.pattern, s.num_heads, s.num_kv_heads, s.head_dim, s.kv_expansion)
+                for s in prog.sites} == {("matmul-softmax", 9, 3, 64, "repeat_kv")}
+        for seq in (CAPTURE_SEQ, 33):
+            args, kwargs = smollm.loaded.example_inputs(seq, 2)
+            report = prog.verify(model, args, kwargs)
+            assert report.max_rel <= TOL, f"seq {seq}: {report}"
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_minilm_sites(minilm):
+    sites = minilm.prog.sites
+    assert len(sites) == 6
+    assert {(s.num_heads, s.num_kv_heads, s.head_dim) for s in sites} == {(12, 12, 32)}
+    assert [s.layer for s in sites] == list(range(6))
+    assert {s.positional for s in sites} == {"none"}
+    assert not any(s.is_causal or s.cross for s in sites)
+    assert all(s.q_proj.weight.endswith("attention.self.query.weight") for s in sites)
+    assert len(canonical_nodes(minilm.prog)) == 6
+
+
+@pytest.mark.parametrize("seq", LENGTHS)
+def test_minilm_identity(minilm, seq):
+    args, kwargs = minilm.loaded.example_inputs(seq, 2)
+    report = minilm.prog.verify(minilm.loaded.model, args, kwargs)
+    assert report.max_rel <= TOL, str(report)
+
+
+def test_minilm_padding_identity(minilm):
+    """A padded batch (attention_mask with zeros) through the canonical graph."""
+    args, kwargs = minilm.loaded.example_inputs(CAPTURE_SEQ, 3)
+    mask = kwargs["attention_mask"].clone()
+    mask[0, -5:] = 0
+    kwargs = {**kwargs, "attention_mask": mask}
+    with torch.no_grad():
+        want = minilm.loaded.model(*args, **kwargs).last_hidden_state
+        got = minilm.prog.module(*args, **kwargs)
+    got = got.last_hidden_state if hasattr(got, "last_hidden_state") else got[0]
+    torch.testing.assert_close(got, want, rtol=TOL, atol=TOL * float(want.abs().max()))
