@@ -97,7 +97,7 @@ class GqaPass:
                     plans, chosen[site.index] = fitted, "fit"
             merged = apply_plans(heads["q"].select(q_order), heads["k"].select(order),
                                  heads["v"].select(order), heads["o"].select(q_order), plans, g)
-            rebuild_site(program, site, merged)
+            rebuild_site(program, site, merged, query_heads=q_order)
         program.module.recompile()
         after = sum(s.kv_cache_bytes_per_token() for s in program.sites)
         return PassResult(program, bool(todo), {

@@ -77,10 +77,14 @@ def site_heads(gm: GraphModule, site: AttentionSite) -> dict:
     return out
 
 
-def rebuild_site(program, site: AttentionSite, new: dict) -> None:
+def rebuild_site(program, site: AttentionSite, new: dict,
+                 query_heads: list[int] | None = None) -> None:
     """Emit new projections for the roles in ``new`` ("q"/"k"/"v": HeadWeights, "o": OutWeights)
     and point the site's canonical node at them. Roles that share a fused weight with a rebuilt
-    role are rebuilt too (with their current rows), so the fused weight goes away."""
+    role are rebuilt too (with their current rows), so the fused weight goes away.
+
+    ``query_heads``: the old query heads, in their new order, when the query heads change; a
+    mask with a head dimension (e.g. T5's relative position bias) is gathered to match."""
     gm = program.module
     node = canonical_nodes(gm)[site.node]
     rebuilt_weights = {getattr(site, f"{r}_proj").weight for r in new if r in ROLES}
@@ -111,6 +115,16 @@ def rebuild_site(program, site: AttentionSite, new: dict) -> None:
             setattr(site, f"{role}_proj", Projection(
                 args[i].name, f"{name}.weight", f"{name}.bias" if hw.bias is not None else None,
                 "linear", _contiguous(heads, dim), heads * dim))
+        mask = args[3] if len(args) > 3 else None
+        if query_heads is not None and isinstance(mask, Node) and val(mask).dim() == 4 \
+                and val(mask).shape[1] != 1:
+            index_name = f"{_prefix(site.o_proj.weight if site.o_proj else site.node)}" \
+                "_head_index"
+            gm.register_buffer(index_name.replace(".", "_"),
+                               torch.tensor(query_heads, dtype=torch.long))
+            index = gm.graph.get_attr(index_name.replace(".", "_"))
+            index.meta["val"] = emit.fake(fetch_attr(gm, index_name.replace(".", "_")))
+            args[3] = emit.call(torch.ops.aten.index_select.default, (mask, 1, index))
     node.args = tuple(args)
     with emit.fake_mode:
         node.meta["val"] = node.target(*map_arg(node.args, val), **map_arg(node.kwargs, val))

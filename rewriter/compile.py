@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from rewriter.errors import RewriterError, SpecError
 
 if TYPE_CHECKING:
@@ -48,7 +50,7 @@ def compile_program(program: Program, backend: str = "triton") -> Program:
         if ok:
             spec = TRITON.kernel_spec(site, **call)
             TRITON.emit(spec)
-            node.target = TRITON.op._opoverload
+            node.target = torch.ops.rewriter.attention_triton.default
             site.backend = "triton"
             record[site.index] = {"backend": "triton", "kernel": spec.name, "key": spec.key}
         else:
@@ -66,10 +68,14 @@ def _call_types(node) -> dict:
 
     args = list(node.args) + [None] * (4 - len(node.args))
     q, mask = args[0], node.kwargs.get("attn_mask", args[3])
-    call = {"sparsity": node.kwargs.get("sparsity", "")}
+    call = {key: node.kwargs[key] for key in ("sparsity", "is_causal", "softcap")
+            if key in node.kwargs}
     q_val = q.meta.get("val") if hasattr(q, "meta") else None
     if q_val is not None:
         call["dtype"] = q_val.dtype
     mask_val = mask.meta.get("val") if hasattr(mask, "meta") else None
-    call["mask"] = mask_kind(mask_val) if mask is not None and mask_val is not None else "none"
+    if mask is None:
+        call["mask"] = "none"
+    else:  # without a traced value, assume the general case (the kernel is picked per call)
+        call["mask"] = mask_kind(mask_val) if mask_val is not None else "float"
     return call

@@ -153,6 +153,13 @@ class Program:
             want = reference(*args, **kwargs)
         return compare_outputs(got, want, tolerance)
 
+    def compile(self, backend: str = "triton") -> Program:
+        """A new Program whose canonical nodes run on ``backend`` ("triton": generated kernels,
+        inference-only; sites it cannot serve stay eager, the reason in their notes)."""
+        from rewriter.compile import compile_program
+
+        return compile_program(self, backend)
+
     def accounting(self, ctx: int = 1024) -> dict:
         """Attention density and FLOPs at ``ctx`` tokens, KV-cache bytes per token (bf16)."""
         from rewriter.accounting import program_accounting
