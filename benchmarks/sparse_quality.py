@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import rewriter as rw
+from rewriter.api import calibration_batches
 from rewriter.models import load
 from rewriter.quality import eval_windows, logits_fn, perplexity
 
@@ -46,7 +47,7 @@ def main() -> None:
     loaded = load(opts.model)
     program = loaded.capture(seq_len=16)
     windows = eval_windows(loaded.tokenizer, opts.ctx, opts.windows)
-    calibration = list(rw.api.calibration_batches(program, None, seq_len=opts.ctx, batches=4))
+    calibration = calibration_batches(program, None, seq_len=opts.ctx, batches=4)
 
     rows = []
     t0 = time.perf_counter()
