@@ -29,6 +29,7 @@ import torch
 from rewriter.errors import SpecError
 from rewriter.ops import reference_attention
 from rewriter.passes.base import PassContext, PassResult, clone_program
+from rewriter.passes.canonicalize import cleanup
 from rewriter.passes.heads import (
     HeadWeights,
     OutWeights,
@@ -38,6 +39,7 @@ from rewriter.passes.heads import (
 )
 from rewriter.passes.observe import calibrate, default_output
 from rewriter.passes.surgery import _between, trace_input
+from rewriter.quality import calibration_loss
 from rewriter.specs import Key, Spec, choice, positive_int, register
 
 register("gqa", {
@@ -62,20 +64,40 @@ class GqaPass:
         self.spec = spec
 
     def run(self, program, ctx: PassContext) -> PassResult:
-        program = clone_program(program)
+        source = program
         n = self.spec.params["kv-heads"]
         valid = set.intersection(*(_divisors(s.num_heads) & _divisors(s.num_kv_heads)
                                    for s in program.sites))
         if n not in valid:
             raise SpecError(f"spec {self.spec}: kv-heads={n} must divide every site's query "
                             f"and KV heads (valid: {', '.join(map(str, sorted(valid)))})")
-        todo = [s for s in program.sites if s.num_kv_heads != n]
+        todo = {s.index for s in program.sites if s.num_kv_heads != n}
         calibrated = self.spec.params["merge"] == "fit" or \
             self.spec.params["grouping"] == "similarity"
-        acts = self._activations(program, ctx, {s.index for s in todo}) if calibrated else {}
+        acts = self._activations(program, ctx, todo) if calibrated else {}
         before = sum(s.kv_cache_bytes_per_token() for s in program.sites)
+        program, chosen = self._convert(source, todo, acts, fit=self.spec.params["merge"] == "fit")
+        counts: dict = {"kv_heads": n}
+        if "fit" in chosen.values():
+            # Keep the fitted merge only if it also wins end to end on the calibration data.
+            mean, mean_chosen = self._convert(source, todo, acts, fit=False)
+            batches = ctx.batches(source)
+            loss_fit = calibration_loss(program, source, batches)
+            loss_mean = calibration_loss(mean, source, batches)
+            counts["calibration_loss"] = {"fit": loss_fit, "mean": loss_mean}
+            if loss_mean < loss_fit:
+                program, chosen = mean, mean_chosen
+        after = sum(s.kv_cache_bytes_per_token() for s in program.sites)
+        counts.update(merge=chosen, kv_cache_bytes_per_token=[before, after])
+        return PassResult(program, bool(todo), counts)
+
+    def _convert(self, source, todo: set[int], acts: dict, fit: bool):
+        program = clone_program(source)
+        n = self.spec.params["kv-heads"]
         chosen = {}
-        for site in todo:
+        for site in program.sites:
+            if site.index not in todo:
+                continue
             heads = site_heads(program.module, site)
             groups = self._groups(site, n, acts.get(site.index))
             order = [h for grp in groups for h in grp]  # KV heads, group by group
@@ -84,7 +106,7 @@ class GqaPass:
             d, dv = heads["k"].weight.shape[1], heads["v"].weight.shape[1]
             plans = [mean_plan(size, d, dv) for _ in range(n)]
             chosen[site.index] = "mean"
-            if self.spec.params["merge"] == "fit" and acts.get(site.index):
+            if fit and acts.get(site.index):
                 a = acts[site.index]["batches"]
                 k_act, v_act, q_act = _flat(a, "k"), _flat(a, "v"), _flat(a, "q")
                 keys = key_fit_kind(program, site)
@@ -98,10 +120,9 @@ class GqaPass:
             merged = apply_plans(heads["q"].select(q_order), heads["k"].select(order),
                                  heads["v"].select(order), heads["o"].select(q_order), plans, g)
             rebuild_site(program, site, merged, query_heads=q_order)
-        program.module.recompile()
-        after = sum(s.kv_cache_bytes_per_token() for s in program.sites)
-        return PassResult(program, bool(todo), {
-            "kv_heads": n, "merge": chosen, "kv_cache_bytes_per_token": [before, after]})
+        # the old projections read parameters that now have new shapes: drop them before running
+        cleanup(program.module)
+        return program, chosen
 
     # --- calibration statistics -------------------------------------------------------
 

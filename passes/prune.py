@@ -23,6 +23,7 @@ import torch
 from rewriter.errors import SpecError
 from rewriter.ops import reference_attention
 from rewriter.passes.base import PassContext, PassResult, clone_program
+from rewriter.passes.canonicalize import cleanup
 from rewriter.passes.heads import rebuild_site, site_heads
 from rewriter.passes.observe import calibrate, default_output, instrumented, observing
 from rewriter.specs import Key, Spec, choice, register
@@ -78,7 +79,7 @@ class PrunePass:
             rebuild_site(program, site, {
                 "q": w["q"].select(keep), "o": w["o"].select(keep),
                 "k": w["k"].select(kv_keep), "v": w["v"].select(kv_keep)}, query_heads=keep)
-        program.module.recompile()
+        cleanup(program.module)  # old projections read parameters that now have new shapes
         removed = {i: sorted(h) for i, h in remove.items() if h}
         return PassResult(program, bool(removed), {
             "heads_removed": sum(len(h) for h in removed.values()),

@@ -49,3 +49,26 @@ def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     """Sentence embeddings as sentence-transformers computes them for MiniLM."""
     m = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def calibration_loss(program, reference, batches) -> float:
+    """How far ``program`` is from ``reference`` on calibration batches: the mean KL divergence
+    of next-token distributions for language models, else the relative squared error of the
+    outputs. The objective variants are compared on (lower is better)."""
+    from torch.utils._pytree import tree_leaves
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for args, kwargs in batches:
+            got, want = program(*args, **kwargs), reference(*args, **kwargs)
+            if hasattr(got, "logits"):
+                p = torch.log_softmax(want.logits.float(), -1)
+                q = torch.log_softmax(got.logits.float(), -1)
+                total += float((p.exp() * (p - q)).sum(-1).mean())
+            else:
+                a = [t.float() for t in tree_leaves(got) if isinstance(t, torch.Tensor)]
+                b = [t.float() for t in tree_leaves(want) if isinstance(t, torch.Tensor)]
+                err = sum(float(((x - y) ** 2).sum()) for x, y in zip(a, b, strict=True))
+                total += err / max(sum(float((y ** 2).sum()) for y in b), 1e-30)
+            count += 1
+    return total / max(count, 1)

@@ -1,0 +1,90 @@
+"""Triton backend: generated flash-attention kernels for ``rewriter::attention``.
+
+Each canonical node's variant (head dims, GQA ratio, dtype, is_causal, softcap, attn_mask kind,
+window / sink / dilation / per-head windows) gets its own kernel source, generated from a
+template (`template`), cached as a readable file by key (`cache`) and launched by `launch`.
+``torch.ops.rewriter.attention_triton`` (`op`) is what compiled graphs call. Forward only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from rewriter.codegen.triton.op import attention_triton
+from rewriter.codegen.triton.spec import KernelSpec
+from rewriter.errors import SpecError
+
+__all__ = ["BACKEND", "KernelSpec", "TritonBackend", "attention_triton", "triton_attention"]
+
+
+def triton_attention(q, k, v, attn_mask=None, *, scale, is_causal=False, sparsity="",
+                     softcap=0.0, **tiles):
+    """Run the generated kernel directly (raises SpecError where it cannot serve the call)."""
+    from rewriter.codegen.triton.launch import triton_attention as run
+
+    return run(q, k, v, attn_mask, scale=scale, is_causal=is_causal, sparsity=sparsity,
+               softcap=softcap, **tiles)
+
+
+class TritonBackend:
+    """The backend contract: name, is_available(), supports(site) -> (ok, reason), emit()."""
+
+    name = "triton"
+    op = attention_triton
+
+    def is_available(self) -> bool:
+        """Triton importable and a CUDA device or TRITON_INTERPRET=1."""
+        return self.availability()[0]
+
+    def availability(self) -> tuple[bool, str]:
+        """(ok, reason) behind `is_available`."""
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed"
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "TRITON_INTERPRET=1 (interpreter: slow, for testing)"
+        import torch
+
+        if torch.cuda.is_available():
+            return True, f"CUDA device {torch.cuda.get_device_name()}"
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run kernels on the CPU)"
+
+    def kernel_spec(self, site, *, dtype=None, mask: str = "none", sparsity: str | None = None,
+                    is_causal: bool | None = None, softcap: float | None = None) -> KernelSpec:
+        """The specialization a site needs (keywords: what the graph says about the call, where
+        known); raises SpecError with the reason the generator cannot serve it."""
+        import torch
+
+        from rewriter.masks import MaskSpec
+
+        sparsity = site.sparsity if sparsity is None else sparsity
+        if site.num_kv_heads < 1 or site.num_heads % site.num_kv_heads:
+            raise SpecError(f"{site.num_heads} query heads over {site.num_kv_heads} KV heads")
+        spec = MaskSpec.parse(sparsity)
+        if spec.heads is not None:
+            spec.head_windows(site.num_heads)  # the table has one entry per query head
+        return KernelSpec.create(head_dim=site.head_dim, v_head_dim=site.v_head_dim,
+                                 group=site.num_heads // site.num_kv_heads,
+                                 dtype=dtype or torch.float32,
+                                 causal=site.is_causal if is_causal is None else is_causal,
+                                 softcap=site.softcap if softcap is None else softcap,
+                                 mask=mask, sparsity=sparsity)
+
+    def supports(self, site, **call) -> tuple[bool, str]:
+        """(ok, reason) for an AttentionSite (call: dtype=, mask= from the graph, if known)."""
+        if site.dropout > 0:
+            return False, f"attention dropout {site.dropout:g} (the kernel has none)"
+        try:
+            self.kernel_spec(site, **call)
+        except SpecError as exc:
+            return False, str(exc)
+        return True, ""
+
+    def emit(self, spec: KernelSpec):
+        """Write (or find) the kernel source for ``spec``; returns its path."""
+        from rewriter.codegen.triton import cache
+
+        return cache.emit(spec)
+
+
+BACKEND = TritonBackend()
