@@ -6,8 +6,8 @@
     sparse:heads=auto,density=P[,window=W][,sink=S][,ctx=N]
         per KV head, a calibrated choice between full attention and sink+window (window W,
         or by default a window per head from 16..512), so that the whole model computes a
-        fraction P of the causal score matrix at context N while losing the least attention
-        mass on calibration text (DuoAttention / MoA, without training).
+        fraction P of the causal score matrix at context N while changing the heads' outputs
+        (through o_proj) least on calibration text (DuoAttention / MoA, without training).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from rewriter.errors import SpecError
 from rewriter.masks import MaskSpec, causal_mask, head_table
 from rewriter.ops import reference_probs
 from rewriter.passes.base import PassContext, PassResult, canonical_nodes, clone_program
+from rewriter.passes.heads import site_heads
 from rewriter.passes.observe import calibrate, default_output
 from rewriter.specs import Key, Spec, fraction, int_set, non_negative_int, positive_int, register
 
@@ -33,7 +34,7 @@ register("sparse", {
 })
 
 AUTO_WINDOW, AUTO_SINK = 64, 4
-WINDOW_CHOICES = (16, 32, 64, 128, 256, 512)
+WINDOW_CHOICES = (32, 64, 128, 256, 512)
 
 
 class SparsePass:
@@ -94,37 +95,56 @@ class SparsePass:
 
     def _auto_tables(self, program, ctx: PassContext) -> dict[int, MaskSpec]:
         """Per KV head: full attention or sink+window with a window from WINDOW_CHOICES (or
-        only the given window), minimizing the attention mass lost on calibration text at the
-        requested density: a Lagrangian relaxation, bisected on the price of density."""
+        only the given window), minimizing the error masking puts on the heads' outputs on
+        calibration text at the requested density: a Lagrangian relaxation, bisected on the
+        price of density."""
         p = self.spec.params
         sink = AUTO_SINK if p["sink"] is None else p["sink"]
         length = p["ctx"]
         windows = [p["window"]] if p["window"] else [w for w in WINDOW_CHOICES if w < length]
         patterns = [MaskSpec(w, sink) for w in windows]
-        kept: dict[int, torch.Tensor] = {}  # site -> [options, Hq] attention mass kept
+        o_weights = {}
+        for site in program.sites:
+            if site.o_proj is not None:
+                o_weights[site.index] = site_heads(program.module, site)["o"].weight.float()
+        # site -> [options, Hq]: the error each option puts on the head's contribution to the
+        # residual stream (through o_proj), relative to the whole site's output energy.
+        errors: dict[int, torch.Tensor] = {}
 
         def observer(site, q, k, v, attn_mask, attrs):
             probs = reference_probs(q, k, attn_mask, scale=attrs["scale"],
                                     is_causal=attrs["is_causal"], sparsity=attrs["sparsity"],
                                     softcap=attrs["softcap"])
+            group = q.shape[1] // v.shape[1]
+            vv = v.float().repeat_interleave(group, dim=1)
+            full = probs @ vv  # [B, H, Sq, Dv]
+            w_o = o_weights.get(site)
+            contrib = (lambda x: torch.einsum("ehd,bhsd->bhse", w_o, x)) if w_o is not None \
+                else (lambda x: x)
+            energy = float((contrib(full).sum(1) ** 2).sum()) + 1e-30
             sq, sk = q.shape[-2], k.shape[-2]
-            mass = torch.stack([(probs * m.dense(sq, sk).to(probs.device)).sum(-1).mean((0, 2))
-                                for m in patterns])
-            kept[site] = kept.get(site, 0) + mass
+            errs = []
+            for m in patterns:
+                kept = probs * m.dense(sq, sk).to(probs.device)
+                # renormalize as the masked softmax does
+                kept = kept / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+                diff = contrib(kept @ vv - full)
+                errs.append((diff ** 2).sum(dim=(0, 2, 3)) / energy)  # [H]
+            errors[site] = errors.get(site, 0) + torch.stack(errs).double()
             return default_output(q, k, v, attn_mask, attrs)
 
-        calibrate(program, ctx, observer, "sparse heads=auto: attention mass")
+        calibrate(program, ctx, observer, "sparse heads=auto: masking error")
         n_batches = len(ctx.batches(program))
         # options per KV head: 0 = full (loses nothing, density 1), i+1 = windows[i]
         density = torch.tensor([1.0] + [m.density(length, length, causal=True)
                                          for m in patterns])
         groups, losses, weights = [], [], []
         for site in program.sites:
-            mass = kept[site.index] / n_batches  # [options, Hq]
-            per_kv = mass.view(len(patterns), site.num_kv_heads, site.kv_group).mean(-1)
+            err = errors[site.index] / n_batches  # [options, Hq]
+            per_kv = err.view(len(patterns), site.num_kv_heads, site.kv_group).sum(-1)
             for g in range(site.num_kv_heads):
                 groups.append((site.index, g))
-                losses.append(torch.cat([torch.zeros(1), 1.0 - per_kv[:, g]]))
+                losses.append(torch.cat([torch.zeros(1, dtype=torch.float64), per_kv[:, g]]))
                 weights.append(site.kv_group * site.head_dim)
         loss = torch.stack(losses)  # [groups, options]
         weight = torch.tensor(weights, dtype=torch.float64)
