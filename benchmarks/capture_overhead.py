@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import rewriter as rw
-from rewriter.capture import dynamic_shapes_for
+from rewriter.frontend import dynamic_shapes_for
 from rewriter.models import load
 
 

@@ -153,16 +153,31 @@ def _root(
 
 @app.command()
 def inspect(
-    model: ModelArg,
+    model: Annotated[
+        str | None,
+        typer.Argument(metavar="MODEL", show_default=False,
+                       help="A zoo name (smollm2-135m, minilm-l6), a Hugging Face model "
+                       "directory, or a .gguf file."),
+    ] = None,
     explain: ExplainOpt = False,
     seq_len: SeqLenOpt = DEFAULT_SEQ_LEN,
     as_json: JsonOpt = False,
+    kernels: Annotated[
+        bool,
+        typer.Option("--kernels", help="List the generated Triton kernels in the kernel cache "
+                     "($REWRITER_KERNEL_CACHE) instead; no MODEL needed."),
+    ] = False,
 ) -> None:
     """List every attention in MODEL and check that canonicalizing it is an identity.
 
     Loads MODEL, captures it with torch.export on a batch of 2 token windows of real text,
     finds and canonicalizes every attention, prints one row per site and compares the
     canonicalized program with the captured graph on the same inputs."""
+    if kernels:
+        list_kernels(as_json)
+        return
+    if model is None:
+        raise typer.BadParameter("missing (or pass --kernels)", param_hint="MODEL")
     import rewriter as rw
 
     err = stderr_console()
@@ -193,6 +208,31 @@ def inspect(
                                 f"match the captured graph ({report})")
 
 
+def list_kernels(as_json: bool) -> None:
+    """Print the kernel cache: one row per generated kernel (key, name, specialization)."""
+    from rewriter.codegen.triton.cache import cache_dir
+    from rewriter.codegen.triton.cache import list_kernels as cached
+
+    entries = cached()
+    if as_json:
+        typer.echo(json.dumps({"cache": str(cache_dir()), "kernels": entries}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(entries)} kernels in {cache_dir()}", header_style="bold")
+    for col in ("key", "kernel", "dtype", "D", "G", "causal", "mask", "sparsity"):
+        table.add_column(col)
+    for e in entries:
+        sparsity = ("per-head" if e.get("per_head") else
+                    f"window={e['window']}" if e.get("window") else "dense")
+        sparsity += f",sink={e['sink']}" if e.get("sink") else ""
+        sparsity += f",dilation={e['dilation']}" if e.get("dilation", 1) > 1 else ""
+        table.add_row(e["key"], e["name"], str(e.get("dtype", "")), str(e.get("head_dim", "")),
+                      str(e.get("group", "")), str(e.get("causal", "")), str(e.get("mask", "")),
+                      sparsity)
+    Console(width=_stdout_width()).print(table)
+
+
 def inspect_document(name: str, seq_len: int, prog: Program, report: Any) -> dict:
     return {
         "model": name,
@@ -212,6 +252,44 @@ def explanation(prog: Program) -> str:
     for r in prog.rejected:
         lines.append(f"  {r.module_path or '<root>'}  {r.op} ({r.node}): {r.reason}")
     return "\n".join(lines)
+
+
+@app.command()
+def export(
+    model: ModelArg,
+    out: Annotated[str, typer.Option("--out", "-o", metavar="PATH",
+                                     help="Where to write the .onnx file (a PATH.json manifest "
+                                     "is written next to it).")],
+    target: Annotated[str, typer.Option(
+        "--target", metavar="onnx|ort",
+        help="onnx: standard ops (opset 23); ort: ONNX Runtime contrib ops "
+        "(GroupQueryAttention, MultiHeadAttention) where they express the site.")] = "onnx",
+    seq_len: SeqLenOpt = DEFAULT_SEQ_LEN,
+    as_json: JsonOpt = False,
+) -> None:
+    """Capture MODEL and export it to ONNX with dynamic batch and sequence axes."""
+    import rewriter as rw
+
+    err = stderr_console()
+    with user_errors():
+        if target not in ("onnx", "ort"):
+            raise typer.BadParameter(f"{target!r} is not one of onnx, ort",
+                                     param_hint="--target")
+        with step(err, f"loading {model}"):
+            inputs = load_model(model, seq_len)
+        with step(err, f"capturing {inputs.name} (seq-len {seq_len})"):
+            prog = rw.capture(inputs.model, inputs.args, inputs.kwargs)
+        with step(err, f"exporting to {out} (target {target})"):
+            rows = prog.export_onnx(out, target)
+        if as_json:
+            typer.echo(json.dumps({"model": inputs.name, "path": out, "target": target,
+                                   "sites": rows}, indent=2))
+        else:
+            ops: dict[str, int] = {}
+            for row in rows:
+                ops[row["op"]] = ops.get(row["op"], 0) + 1
+            summary = ", ".join(f"{n} x {op}" for op, n in ops.items())
+            typer.echo(f"wrote {out}: {len(rows)} attention sites ({summary})")
 
 
 def main() -> None:

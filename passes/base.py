@@ -72,11 +72,13 @@ def clone_program(program: Program) -> Program:
     for attr in ("_in_spec", "_out_spec", "range_constraints"):
         if hasattr(gm, attr):
             setattr(new, attr, getattr(gm, attr))
-    return Program(module=new, original=program._original,
-                   sites=[copy.deepcopy(s) for s in program.sites],
-                   rejected=list(program.rejected), example_args=program.example_args,
-                   example_kwargs=program.example_kwargs,
-                   manifest=copy.deepcopy(program.manifest), tokenizer=program.tokenizer)
+    clone = Program(module=new, original=program._original,
+                    sites=[copy.deepcopy(s) for s in program.sites],
+                    rejected=list(program.rejected), example_args=program.example_args,
+                    example_kwargs=program.example_kwargs,
+                    manifest=copy.deepcopy(program.manifest), tokenizer=program.tokenizer)
+    clone.hf_config = program.hf_config
+    return clone
 
 
 def canonical_nodes(gm: GraphModule) -> dict[str, Node]:

@@ -21,19 +21,23 @@ from rewriter.errors import (
 )
 
 _LAZY = {
-    "capture": "rewriter.capture",
+    "capture": "rewriter.frontend",
     "rewrite": "rewriter.api",
     "Program": "rewriter.program",
     "VerifyReport": "rewriter.program",
     "AttentionSite": "rewriter.site",
     "Projection": "rewriter.site",
     "MaskSpec": "rewriter.masks",
+    "load": "rewriter.checkpoint",
 }
+
+
+_RENAMED = {"load": "load_program"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
+        value = getattr(import_module(_LAZY[name]), _RENAMED.get(name, name))
         globals()[name] = value
         return value
     raise AttributeError(f"module 'rewriter' has no attribute {name!r}")
@@ -51,6 +55,7 @@ __all__ = [
     "SpecError",
     "VerifyReport",
     "capture",
+    "load",
     "rewrite",
 ]
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from rewriter.capture import capture
+from rewriter.frontend import capture
 from rewriter.program import Program
 from rewriter.specs import Spec, parse_spec
 

@@ -56,7 +56,7 @@ class LoadedModel:
 
     def capture(self, seq_len: int = 16, batch: int = 2, **kwargs):
         """Capture on real-text inputs; the Program keeps the tokenizer for calibration."""
-        from rewriter.capture import capture
+        from rewriter.frontend import capture
 
         args, kw = self.example_inputs(seq_len, batch)
         program = capture(self.model, args, kw, **kwargs)

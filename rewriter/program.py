@@ -91,10 +91,14 @@ class Program:
         self.example_kwargs = example_kwargs or {}
         self.manifest = manifest or {}
         self.tokenizer = tokenizer  # set when captured from a loaded checkpoint
+        self.hf_config = None  # the transformers config of the captured model, if any
 
     @property
     def original(self) -> GraphModule:
         """The captured graph before canonicalization (same call signature as the model)."""
+        if self._original is None:
+            raise AttributeError("this program was loaded from disk: the graph before "
+                                 "canonicalization is not saved; pass a reference to verify()")
         if not isinstance(self._original, GraphModule):
             self._original = self._original()
         return self._original
@@ -159,6 +163,20 @@ class Program:
         from rewriter.compile import compile_program
 
         return compile_program(self, backend)
+
+    def export_onnx(self, path, target: str = "onnx") -> list[dict]:
+        """Write this program as ONNX (target "onnx": standard ops; "ort": ONNX Runtime contrib
+        ops where they fit); returns which op each site became (see rewriter.onnx)."""
+        from rewriter.onnx import export_onnx
+
+        return export_onnx(self, path, target)
+
+    def save(self, path, *, force: bool = False, verification: VerifyReport | None = None) -> dict:
+        """Write program.pt2 + manifest.json (+ hf/ where a transformers config expresses the
+        result) into the directory ``path``, atomically. Returns the manifest."""
+        from rewriter.checkpoint import save_program
+
+        return save_program(self, path, force=force, verification=verification)
 
     def accounting(self, ctx: int = 1024) -> dict:
         """Attention density and FLOPs at ``ctx`` tokens, KV-cache bytes per token (bf16)."""

@@ -83,12 +83,25 @@ class AttentionSite:
         encoder output, which is cached once)."""
         return self.num_kv_heads * (self.head_dim + self.v_head_dim) * bytes_per_element
 
-    def to_dict(self) -> dict:
+    def to_dict(self, full: bool = False) -> dict:
+        """JSON-ready. ``full`` keeps every projection feature index (what `from_dict` needs);
+        otherwise a one-line description of each projection."""
         d = asdict(self)
         for key in ("q_proj", "k_proj", "v_proj", "o_proj"):
             proj = getattr(self, key)
             d[key] = None if proj is None else {
                 "node": proj.node, "weight": proj.weight, "bias": proj.bias, "kind": proj.kind,
-                "features": proj.describe(),
+                "features": [list(f) for f in proj.features] if full else proj.describe(),
+                "total": proj.total,
             }
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AttentionSite:
+        d = dict(d)
+        for key in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            p = d.get(key)
+            d[key] = None if p is None else Projection(
+                p["node"], p["weight"], p["bias"], p["kind"],
+                tuple(tuple(f) for f in p["features"]), p.get("total", 0))
+        return cls(**d)

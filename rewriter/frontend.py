@@ -1,4 +1,4 @@
-"""Capture: nn.Module -> torch.fx graph through torch.export (non-strict), then find and
+"""Frontend: capture an nn.Module as a torch.fx graph through torch.export (non-strict), then
 canonicalize every attention."""
 
 from __future__ import annotations
@@ -112,8 +112,12 @@ def capture(
         timings["find_canonicalize_s"] = time.perf_counter() - t0
     finally:
         model.train(was_training)
-    return Program(module=gm, original=lambda: graph_module_from(gm, original_graph),
-                   sites=sites, rejected=rejected, example_args=args,
-                   example_kwargs=dict(kwargs or {}),
-                   manifest={"source": type(model).__name__, "timings": timings,
-                             "passes": ["canonicalize"]})
+    program = Program(module=gm, original=lambda: graph_module_from(gm, original_graph),
+                      sites=sites, rejected=rejected, example_args=args,
+                      example_kwargs=dict(kwargs or {}),
+                      manifest={"source": type(model).__name__, "timings": timings,
+                                "passes": [{"spec": "canonicalize", "sites": len(sites)}]})
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict") and hasattr(config, "model_type"):
+        program.hf_config = config  # lets save() write a transformers checkpoint when it fits
+    return program

@@ -1,0 +1,104 @@
+"""Masks built inside the ONNX graph from the dynamic lengths, so exported shapes stay dynamic.
+
+Traced onnxscript helpers (called while torch.onnx translates a node). Shape glossary:
+    Sq queries, Sk keys, Hs heads of a per-head table (1 without one); all masks are 4-D
+    [1, Hs, Sq, Sk] bool keep-masks (True = attend) or the model's own mask broadcast to
+    [B|1, Hq|1, Sq, Sk].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript import opset23 as op
+
+from rewriter.masks import MaskSpec
+
+NEG_INF = float("-inf")
+
+
+def const(value, dtype=np.int64):
+    return op.Constant(value=ir.tensor(np.array(value, dtype=dtype)))
+
+
+def dim(x, axis: int):
+    """Scalar int64: x.shape[axis] at run time."""
+    return op.Squeeze(op.Shape(x, start=axis, end=axis + 1), const([0]))
+
+
+def positions(q, k):
+    """(query positions [Sq, 1] top-left, bottom-right offset Sk - Sq, key positions [1, Sk])."""
+    sq, sk = dim(q, 2), dim(k, 2)
+    one = const(1)
+    q_pos = op.Unsqueeze(op.Range(const(0), sq, one), const([1]))
+    k_pos = op.Unsqueeze(op.Range(const(0), sk, one), const([0]))
+    return q_pos, op.Sub(sk, sq), k_pos
+
+
+def causal_keep(q, k):
+    """[1, 1, Sq, Sk]: key j visible from query i when j <= i (top-left, as in SDPA)."""
+    q_pos, _, k_pos = positions(q, k)
+    return op.Unsqueeze(op.LessOrEqual(k_pos, q_pos), const([0, 1]))
+
+
+def sparsity_keep(spec: MaskSpec, q, k):
+    """[1, Hs, Sq, Sk]: the MaskSpec predicate (rewriter.masks.MaskSpec.mask_mod), bottom-right
+    aligned: query i sits at position i + Sk - Sq."""
+    q_pos, offset, k_pos = positions(q, k)
+    dist = op.Sub(op.Add(q_pos, offset), k_pos)  # [Sq, Sk]
+    if spec.heads is None:
+        window = const(spec.window)
+        dist = op.Unsqueeze(dist, const([0]))  # [1, Sq, Sk]
+    else:
+        windows = spec.head_windows(q.shape[1]).numpy()
+        window = const(windows.reshape(-1, 1, 1))  # [Hs, 1, 1]
+        dist = op.Unsqueeze(dist, const([0]))
+    keep = op.Less(op.Abs(dist), window)
+    if spec.dilation > 1:
+        keep = op.And(keep, op.Equal(op.Mod(dist, const(spec.dilation)), const(0)))
+    if spec.sink:
+        keep = op.Or(keep, op.Unsqueeze(op.Less(k_pos, const(spec.sink)), const([0])))
+    if spec.heads is not None:
+        keep = op.Or(keep, op.Equal(window, const(0)))  # a full-attention head
+    return op.Unsqueeze(keep, const([0]))
+
+
+def to_4d(mask):
+    """Leading unit axes up to rank 4 (models pass [Sq, Sk] or [B, Sq, Sk] masks too). Values
+    built here have no recorded shape; they are 4-D by construction."""
+    if mask.shape is None or len(mask.shape) >= 4:
+        return mask
+    rank = len(mask.shape)
+    return op.Unsqueeze(mask, const(list(range(4 - rank))))
+
+
+def merge(attn_mask, keep):
+    """The model's mask (bool or additive float, or None) ANDed with a bool keep-mask (or None).
+    Bool stays bool; a float mask gets -inf where keep is False. (Values built here carry no
+    dtype, so callers go by the model mask's dtype.)"""
+    if keep is None:
+        return attn_mask
+    if attn_mask is None:
+        return keep
+    if attn_mask.dtype == ir.DataType.BOOL:
+        return op.And(to_4d(attn_mask), keep)
+    return op.Where(keep, to_4d(attn_mask), op.CastLike(const(NEG_INF, np.float32), attn_mask))
+
+
+def bias(attn_mask, keep, like):
+    """The model's mask (or None) and a bool keep-mask (or None) as one additive float bias in
+    ``like``'s dtype, 4-D: 0 / -inf for bool masks, the model's float mask as it is."""
+    neg_inf = op.CastLike(const(NEG_INF, np.float32), like)
+    if attn_mask is None:
+        out = op.CastLike(const(0.0, np.float32), like)
+    elif attn_mask.dtype == ir.DataType.BOOL:
+        out = op.Where(to_4d(attn_mask), op.CastLike(const(0.0, np.float32), like), neg_inf)
+    else:
+        out = op.CastLike(to_4d(attn_mask), like)
+    return out if keep is None else op.Where(keep, out, neg_inf)
+
+
+def zero_nan(x):
+    """A row whose keys are all masked gives NaN from a softmax over -inf; the canonical op
+    defines it as zeros."""
+    return op.Where(op.IsNaN(x), op.CastLike(const(0.0, np.float32), x), x)

@@ -1,0 +1,208 @@
+"""Translation of ``rewriter::attention`` into ONNX, one op choice per site.
+
+Shape glossary (as in rewriter.ops): q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv],
+out [B, Hq, Sq, Dv]; G = Hq // Hkv query heads per KV head.
+
+Ops, by target:
+    onnx  Attention (opset 23): GQA, softcap, causal and masks are native; the sparsity mask is
+          built in-graph and ANDed into attn_mask. "decomposed" (MatMul/Softmax/MatMul, GQA by
+          reshaping q to [B, Hkv, G*Sq, D], no repeat) when asked for.
+    ort   com.microsoft.GroupQueryAttention for causal self-attention (GQA native, softcap,
+          local_window_size for a plain window, other masks as attention_bias);
+          com.microsoft.MultiHeadAttention for the rest when Hq == Hkv and there is no softcap;
+          the standard Attention op otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from onnxscript import opset23 as op
+
+from rewriter.codegen.onnx import contrib
+from rewriter.codegen.onnx.masks import (
+    bias,
+    causal_keep,
+    const,
+    dim,
+    merge,
+    sparsity_keep,
+    to_4d,
+    zero_nan,
+)
+from rewriter.masks import MaskSpec
+
+ATTENTION = torch.ops.rewriter.attention.default
+STANDARD, DECOMPOSED, GQA, MHA = "Attention", "decomposed", "GroupQueryAttention", \
+    "MultiHeadAttention"
+
+
+@dataclass
+class SitePlan:
+    """The ONNX op one canonical node becomes, and why (the export manifest's row)."""
+
+    site: int | None
+    node: str
+    op: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        domain = "com.microsoft" if self.op in (GQA, MHA) else ""
+        return {"site": self.site, "node": self.node, "op": self.op, "domain": domain,
+                "reason": self.reason}
+
+
+def plan(program, target: str, decompose: bool = False) -> list[SitePlan]:
+    """One SitePlan per canonical node, in graph order (the order torch.onnx translates them)."""
+    by_node = {s.node: s for s in program.sites}
+    plans = []
+    for node in program.module.graph.nodes:
+        if node.op != "call_function" or node.target is not ATTENTION:
+            continue
+        site = by_node.get(node.name)
+        op_name, reason = choose(node, site, target, decompose)
+        plans.append(SitePlan(None if site is None else site.index, node.name, op_name, reason))
+    return plans
+
+
+def choose(node, site, target: str, decompose: bool) -> tuple[str, str]:
+    q, k, v = (a.meta["val"] for a in node.args[:3])
+    attrs = node.kwargs
+    hq, hkv = q.shape[1], k.shape[1]
+    if target == "onnx":
+        if decompose:
+            return DECOMPOSED, "asked for the decomposition"
+        return STANDARD, "standard ONNX Attention (opset 23)" + (
+            f", GQA {hq}/{hkv} native" if hq != hkv else "")
+    same_len = str(q.shape[2]) == str(k.shape[2])
+    causal = attrs.get("is_causal", False) or (
+        site is not None and site.mask.startswith("causal") and not site.cross)
+    fallback = STANDARD if not decompose else DECOMPOSED
+    if q.shape[-1] != v.shape[-1]:
+        return fallback, "D != Dv: the contrib ops take one head size"
+    if causal and same_len:
+        spec = MaskSpec.parse(attrs.get("sparsity", ""))
+        how = "local_window_size" if _plain_window(spec) else \
+            "attention_bias" if attrs.get("sparsity") else ""
+        return GQA, f"causal self-attention, {hq}/{hkv} heads" + (
+            f", softcap {attrs['softcap']:g}" if attrs.get("softcap") else "") + (
+            f", sparsity via {how}" if how else "")
+    if hq != hkv:
+        return fallback, "GroupQueryAttention is causal-only and MultiHeadAttention has no " \
+                         "KV groups"
+    if attrs.get("softcap"):
+        return fallback, "MultiHeadAttention has no softcap and the site is not causal " \
+                         "self-attention"
+    return MHA, ("cross attention" if not same_len or (site is not None and site.cross)
+                 else "non-causal self-attention") + f", {hq} heads"
+
+
+def _plain_window(spec: MaskSpec) -> bool:
+    return spec.window is not None and spec.heads is None and spec.sink == 0 \
+        and spec.dilation == 1
+
+
+# --- translations (traced onnxscript: called by torch.onnx once per node) ------------------
+
+def translation(plans: list[SitePlan]) -> Callable:
+    """The custom_translation_table entry: consumes ``plans`` in graph order."""
+    queue = list(plans)
+    impls = {STANDARD: standard, DECOMPOSED: decomposed, GQA: group_query, MHA: multi_head}
+
+    def rewriter_attention(q, k, v, attn_mask=None, *, scale: float, is_causal: bool = False,
+                           sparsity: str = "", softcap: float = 0.0):
+        if not queue:
+            raise RuntimeError("more rewriter::attention nodes than planned sites")
+        site = queue.pop(0)
+        return impls[site.op](q, k, v, attn_mask, scale=scale, is_causal=is_causal,
+                              spec=MaskSpec.parse(sparsity), softcap=softcap)
+
+    return rewriter_attention
+
+
+def standard(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap):
+    """ONNX Attention (opset 23): 4-D inputs, GQA by head counts, top-left is_causal, softcap
+    before the mask; a row with no key left gives zeros (as in ORT's CPU kernel)."""
+    keep = None if spec.is_dense else sparsity_keep(spec, q, k)
+    mask = merge(attn_mask, keep)
+    y, *_ = op.Attention(q, k, v, None if mask is None else to_4d(mask), scale=scale,
+                         is_causal=int(is_causal), softcap=softcap)
+    return y
+
+
+def decomposed(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap):
+    """MatMul / Softmax / MatMul. GQA without repeating K/V: q [B, Hq, Sq, D] is viewed as
+    [B, Hkv, G*Sq, D] (head h = kv * G + g), so both MatMuls have matching batch dims."""
+    hq, hkv = q.shape[1], k.shape[1]
+    grouped = hq != hkv
+    qs = op.Mul(q, op.CastLike(const(scale, np.float32), q))  # scale on q: Sq*D, not Sq*Sk
+    if grouped:
+        qs = op.Reshape(qs, const([0, hkv, -1, 0]))
+    s = op.MatMul(qs, op.Transpose(k, perm=[0, 1, 3, 2]))  # [B, Hkv, G*Sq, Sk]
+    if grouped:
+        s = op.Reshape(s, const([0, hq, -1, 0]))  # [B, Hq, Sq, Sk]
+    if softcap > 0:
+        cap = op.CastLike(const(softcap, np.float32), s)
+        s = op.Mul(op.Tanh(op.Div(s, cap)), cap)
+    keep = causal_keep(q, k) if is_causal else None
+    if not spec.is_dense:
+        sparse = sparsity_keep(spec, q, k)
+        keep = sparse if keep is None else op.And(keep, sparse)
+    masked = attn_mask is not None or keep is not None
+    if masked:
+        s = op.Add(s, bias(attn_mask, keep, s))
+    p = op.Softmax(s, axis=-1)
+    if masked:
+        p = zero_nan(p)
+    if grouped:
+        p = op.Reshape(p, const([0, hkv, -1, 0]))  # [B, Hkv, G*Sq, Sk]
+    out = op.MatMul(p, v)
+    return op.Reshape(out, const([0, hq, -1, 0])) if grouped else out
+
+
+def _pack(x):
+    """[B, H, S, D] -> [B, S, H*D], the contrib ops' layout."""
+    return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), const([0, 0, -1]))
+
+
+def _unpack(y, heads: int):
+    """[B, S, H*D] -> [B, H, S, D]."""
+    return op.Transpose(op.Reshape(y, const([0, 0, heads, -1])), perm=[0, 2, 1, 3])
+
+
+def group_query(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap):
+    """com.microsoft.GroupQueryAttention on a causal self-attention (Sq == Sk, no past): its
+    causal mask equals the site's; the model's mask and sparsity other than a plain window go
+    in attention_bias (NaN rows, all keys masked, become zeros after)."""
+    del is_causal  # GroupQueryAttention is always causal; plan() checked the site is
+    hq, hkv = q.shape[1], k.shape[1]
+    window = spec.window if _plain_window(spec) else -1
+    keep = None if spec.is_dense or window > 0 else sparsity_keep(spec, q, k)
+    add = None if attn_mask is None and keep is None else bias(attn_mask, keep, q)
+    total = op.Cast(dim(k, 2), to=ir.DataType.INT32)
+    seqlens = op.Expand(op.Sub(total, op.Constant(value=ir.tensor(np.int32(1)))),
+                        op.Shape(q, start=0, end=1))
+    y, _, _ = contrib.GroupQueryAttention(
+        _pack(q), _pack(k), _pack(v), None, None, seqlens, total, None, None, None, add,
+        num_heads=hq, kv_num_heads=hkv, scale=scale, softcap=softcap, local_window_size=window)
+    y = _unpack(y, hq)
+    return y if add is None else zero_nan(y)
+
+
+def multi_head(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap):
+    """com.microsoft.MultiHeadAttention: query packed [B, Sq, H*D], key/value stay BNSH; every
+    mask (causal included, top-left) goes in attention_bias."""
+    del softcap  # plan() sends softcap sites elsewhere
+    keep = causal_keep(q, k) if is_causal else None
+    if not spec.is_dense:
+        sparse = sparsity_keep(spec, q, k)
+        keep = sparse if keep is None else op.And(keep, sparse)
+    add = None if attn_mask is None and keep is None else bias(attn_mask, keep, q)
+    y = contrib.MultiHeadAttention(_pack(q), k, v, None, None, add, num_heads=q.shape[1],
+                                   scale=scale)
+    y = _unpack(y, q.shape[1])
+    return y if add is None else zero_nan(y)
