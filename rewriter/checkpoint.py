@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 import rewriter.ops  # noqa: F401  (the op must be registered to save or load the graph)
-from rewriter.frontend import dynamic_shapes_for, strip_runtime_asserts
 from rewriter.errors import ModelLoadError, RewriterError
+from rewriter.frontend import dynamic_shapes_for, strip_runtime_asserts
 from rewriter.models import _quiet_tqdm
 
 FORMAT_VERSION = 1
