@@ -35,6 +35,11 @@ def rewrite(
     passes = [(PASSES[s.name](s), s) for s in parsed]  # validates spec combinations early
     if isinstance(model_or_program, Program):
         program = model_or_program
+        if any(s.backend != "eager" for s in program.sites):
+            from rewriter.errors import SpecError
+
+            raise SpecError("this program is compiled for a backend: rewrite the program "
+                            "before compile(), not after")
     else:
         if args is None and kwargs is None:
             raise TypeError("rewrite(model, ...) needs args= and/or kwargs= to capture with")

@@ -210,7 +210,7 @@ def sites_table(sites: list[AttentionSite], title: str | None = None):
             (" cross" if s.cross else "")
         table.add_row(str(s.index), "" if s.layer is None else str(s.layer), s.module_path,
                       pattern, str(s.num_heads), str(s.num_kv_heads), str(s.head_dim),
-                      s.positional, mask, f"{s.scale:.4g}", variant_label(s), s.backend)
+                      s.positional, mask, f"{s.scale:.4g}", variant_label(s), backend_label(s))
     return table
 
 
@@ -223,3 +223,9 @@ def variant_label(site: AttentionSite) -> str:
     if site.attn_source is not None:
         parts.append(f"attn<-{site.attn_source}")
     return " ".join(parts) or "-"
+
+
+def backend_label(site: AttentionSite) -> str:
+    """The backend, with the reason when a site fell back from the one asked for."""
+    fallback = [n.split(":", 1)[1].strip() for n in site.notes if n.startswith("triton fallback")]
+    return f"{site.backend} ({fallback[0]})" if fallback else site.backend
