@@ -111,7 +111,8 @@ def main() -> None:
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     tmp.replace(out)
     if "smollm2" in result:
-        print("\n| SmolLM2 variant | perplexity | x dense | params | KV B/token |\n|---|---|---|---|---|")
+        print("\n| SmolLM2 variant | perplexity | x dense | params | KV B/token |")
+        print("|---|---|---|---|---|")
         for r in result["smollm2"]["rows"]:
             print(f"| {r['variant']} | {r['ppl']:.3f} | {r['ratio']:.2f} | {r['parameters']:,} | "
                   f"{r['kv_cache_bytes_per_token']} |")

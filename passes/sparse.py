@@ -34,7 +34,7 @@ register("sparse", {
 })
 
 AUTO_WINDOW, AUTO_SINK = 64, 4
-WINDOW_CHOICES = (32, 64, 128, 256, 512)
+WINDOW_CHOICES = (32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 class SparsePass:
