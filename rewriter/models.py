@@ -100,8 +100,12 @@ def _check_gguf(path: Path) -> None:
             raise ModelLoadError(f"{path}: not a GGUF file (bad magic number)")
 
 
-def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a zoo name, a Hugging Face directory (safetensors weights) or a GGUF file."""
+def load(name_or_path: str, dtype: torch.dtype = torch.float32, *,
+         trust_pickle: bool = False) -> LoadedModel:
+    """Load a zoo name, a Hugging Face directory (safetensors weights) or a GGUF file.
+
+    ``trust_pickle``: also accept a directory with only pickle weights (.bin/.pt); transformers
+    reads them with ``torch.load(weights_only=True)`` (tensors and plain containers only)."""
     import transformers
 
     directory, gguf_file, display = resolve(name_or_path)
@@ -111,8 +115,7 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     else:
-        _require_safetensors(directory)
-        kwargs["use_safetensors"] = True
+        kwargs["use_safetensors"] = _require_safetensors(directory, trust_pickle=trust_pickle)
     try:
         config = transformers.AutoConfig.from_pretrained(directory, **(
             {"gguf_file": gguf_file} if gguf_file else {}))
@@ -144,16 +147,21 @@ def _quiet_tqdm():
             os.environ["TQDM_DISABLE"] = old
 
 
-def _require_safetensors(directory: Path) -> None:
+def _require_safetensors(directory: Path, trust_pickle: bool = False) -> bool:
+    """True where the weights are safetensors; False for pickle weights, allowed only with
+    ``trust_pickle`` (transformers loads them with torch.load(weights_only=True))."""
     if any(directory.glob("*.safetensors")):
-        return
+        return True
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        if trust_pickle:
+            return False
         raise ModelLoadError(f"{directory}: only pickle weights (.bin/.pt); refusing to "
-                             "unpickle them, convert to safetensors")
+                             "unpickle them: convert to safetensors or pass --trust-pickle")
     index = directory / "model.safetensors.index.json"
     if not index.exists():
         raise ModelLoadError(f"{directory}: no weights found (*.safetensors)")
     json.loads(index.read_text())
+    return True
 
 
 def calibration_text() -> str:
