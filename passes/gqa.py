@@ -38,7 +38,7 @@ from rewriter.passes.heads import (
     site_heads,
 )
 from rewriter.passes.observe import calibrate, default_output
-from rewriter.passes.surgery import _between, trace_input
+from rewriter.passes.surgery import nodes_between, trace_input
 from rewriter.quality import calibration_loss
 from rewriter.specs import Key, Spec, choice, positive_int, register
 
@@ -160,7 +160,7 @@ def key_fit_kind(program, site) -> str:
     if site.positional != "rope" or site.head_dim % 2:
         return "mean"  # partial or unknown transforms: keep keys mean-pooled
     chain = trace_input(node_of(program, site).args[1])
-    ops = {n.target for out, inp in chain.units for n in _between(inp, out)}
+    ops = {n.target for out, inp in chain.units for n in nodes_between(inp, out)}
     return "interleaved" if torch.ops.aten.stack.default in ops else "half"
 
 

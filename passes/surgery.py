@@ -29,8 +29,8 @@ from rewriter.passes.canonicalize import Emitter
 from rewriter.patterns.graph import concrete, fetch_attr, shape
 from rewriter.patterns.layout import apply_node, chain_down, iota, is_layout
 from rewriter.patterns.projections import (
-    _scalar_rescale,
     is_projection,
+    is_scalar_rescale,
     positional_unit,
     projection_input,
 )
@@ -78,7 +78,7 @@ def trace_input(operand: Node) -> InputChain:
     while not is_projection(node):
         if is_layout(node):
             node = node.args[0]
-        elif _scalar_rescale(node):
+        elif is_scalar_rescale(node):
             rescales.append(node)
             node = node.args[0]
         else:
@@ -172,7 +172,7 @@ def emit_input(gm: GraphModule, emit: Emitter, chain: InputChain, weight: torch.
 def _copy_subgraph(emit: Emitter, start: Node, end: Node, replacement: Node) -> Node:
     """Copy the nodes between ``start`` and ``end`` (RoPE: mul, slice, neg, cat, add) with
     ``start`` replaced, reusing every other input (cos, sin)."""
-    inside = _between(start, end)
+    inside = nodes_between(start, end)
     env = {start: replacement}
     for node in start.graph.nodes:  # graph order is a topological order
         if node in inside:
@@ -182,7 +182,7 @@ def _copy_subgraph(emit: Emitter, start: Node, end: Node, replacement: Node) -> 
     return env[end]
 
 
-def _between(start: Node, end: Node) -> set[Node]:
+def nodes_between(start: Node, end: Node) -> set[Node]:
     """Nodes on some path start -> end (excluding start)."""
     ancestors, stack = set(), [end]
     while stack:

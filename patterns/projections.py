@@ -74,7 +74,7 @@ def _rotated_from(y, x: Node, limit: int = 12) -> bool:
     return False
 
 
-def _scalar_rescale(node: Node) -> bool:
+def is_scalar_rescale(node: Node) -> bool:
     return is_op(node, aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar) and \
         isinstance(node.args[1], (int, float)) and isinstance(node.args[0], Node)
 
@@ -130,7 +130,7 @@ def trace_input_projection(operand: Operand) -> ProjectionTrace:
     while not is_projection(node):
         if is_layout(node):
             node = node.args[0]
-        elif _scalar_rescale(node):
+        elif is_scalar_rescale(node):
             passthrough.add(node)  # q pre-scaled by a constant (the scale lives on)
             node = node.args[0]
         else:
