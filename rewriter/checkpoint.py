@@ -42,6 +42,9 @@ def atomic_directory(path: Path, force: bool, fill) -> None:
     check_output_dir(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should not be
     try:
         fill(tmp)
         if path.exists():
@@ -156,6 +159,10 @@ def load_program(path):
     if not pt2.is_file() or not manifest_path.is_file():
         raise ModelLoadError(f"{path}: not a saved program (needs program.pt2 and "
                              "manifest.json)")
+    try:  # output containers (CausalLMOutputWithPast, ...) must be registered with pytree
+        import transformers.modeling_outputs  # noqa: F401
+    except ImportError:
+        pass
     try:
         manifest = json.loads(manifest_path.read_text())
         ep = torch.export.load(pt2)

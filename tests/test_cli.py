@@ -102,7 +102,7 @@ class SoftmaxMLP(nn.Module):
 
 @pytest.fixture
 def no_attention_model(monkeypatch):
-    def fake_load(model: str, seq_len: int, batch: int = cli.EXAMPLE_BATCH):
+    def fake_load(model: str, seq_len: int, batch: int = cli.EXAMPLE_BATCH, **_):
         torch.manual_seed(0)
         return cli.ModelInputs("mlp", SoftmaxMLP().eval(), (torch.randn(batch, seq_len, 8),), {})
 
