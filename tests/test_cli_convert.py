@@ -198,7 +198,9 @@ def test_eval_text_file(runner, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the triton backend works here")
-def test_eval_triton_without_gpu(runner):
+def test_eval_triton_without_gpu(runner, monkeypatch):
+    # tests/codegen turns Triton's CPU interpreter on for its session; this test wants it off
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     result = runner.invoke(app, ["eval", TINY, "--backend", "triton", "--ctx", "16",
                                  "--windows", "1"])
     assert_one_line_error(result, 1, "triton")
