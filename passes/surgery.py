@@ -52,22 +52,6 @@ class InputChain:
     units: list[tuple[Node, Node]]  # positional transforms (output, input), projection side first
     rescales: list[Node]  # constant multiplies on the way (pre-scaled q)
 
-    def weight(self, gm: GraphModule) -> torch.Tensor:
-        """The projection weight as [out_features, E] (Conv1D weights are stored [E, out])."""
-        w = fetch_attr(gm, _weight_node(self.projection).target)
-        return w.t() if self.projection.target in (aten.addmm.default, aten.mm.default,
-                                                   aten.matmul.default) else w
-
-    def bias(self, gm: GraphModule) -> torch.Tensor | None:
-        p = self.projection
-        node = p.args[0] if p.target is aten.addmm.default else \
-            (p.args[2] if p.target is aten.linear.default and len(p.args) > 2 else None)
-        return None if node is None else fetch_attr(gm, node.target)
-
-
-def _weight_node(p: Node) -> Node:
-    return p.args[2] if p.target is aten.addmm.default else p.args[1]
-
 
 def trace_input(operand: Node) -> InputChain:
     """Walk from a canonical operand back to its projection; check what can be rebuilt."""
@@ -207,17 +191,6 @@ class OutputChain:
     merged: Node  # its input: the heads merged back into tokens
     token_perm: tuple[int, ...]  # [B, N, S, Dv] -> [L0, L1, N, Dv]
     flat_tokens: bool  # the projection reads [L0*L1, F] (Conv1D style)
-
-    def weight(self, gm: GraphModule) -> torch.Tensor:
-        """[E, H*Dv] as a linear weight."""
-        w = fetch_attr(gm, _weight_node(self.projection).target)
-        return w if self.projection.target is aten.linear.default else w.t()
-
-    def bias(self, gm: GraphModule) -> torch.Tensor | None:
-        p = self.projection
-        node = p.args[0] if p.target is aten.addmm.default else \
-            (p.args[2] if p.target is aten.linear.default and len(p.args) > 2 else None)
-        return None if node is None else fetch_attr(gm, node.target)
 
 
 def trace_output(canonical: Node) -> OutputChain:
