@@ -7,22 +7,20 @@
         probabilities (softmax(q_i k_i^T)); their q/k projections go away.
 
 With layers=auto the runs are chosen from calibration data: the segmentation of the layers
-into the same number of runs whose sharing changes the layers' attention outputs least
-(relative error of each later layer's output when it reads the first layer's K/V, resp.
-reuses its attention probabilities).
+into the same number of runs that keeps shared tensors (K/V, resp. attention maps) most
+similar to the ones they replace.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from rewriter.errors import SpecError
-from rewriter.ops import reference_attention
+from rewriter.ops import reference_probs
 from rewriter.passes.base import PassContext, PassResult, canonical_nodes, clone_program
 from rewriter.passes.observe import calibrate, default_output
 from rewriter.specs import Key, Spec, choice, positive_int, register
-
-MAX_TOKENS = 512  # query rows per batch used to score a pairing
 
 _KEYS = {
     "group": Key(positive_int, "a positive integer (layers per run)", required=True),
@@ -119,39 +117,32 @@ class SharePass:
                             f"D={first.head_dim})")
 
     def _dissimilarity(self, program, sites, ctx: PassContext) -> torch.Tensor:
-        """cost[i, j] = relative error of site j's attention output when it reads site i's K/V
-        (share-kv) or reuses site i's probabilities (share-attn), on calibration batches."""
+        """cost[i, j] = 1 - mean cosine similarity of site j's K/V (or attention map) to site
+        i's, over calibration batches."""
         order = {s.index: i for i, s in enumerate(sites)}
-        seen: dict[int, tuple] = {}
-        n = len(sites)
-        cost = torch.zeros(n, n, dtype=torch.float64)
-        norm = torch.zeros(n, dtype=torch.float64)
+        feats: dict[int, list[torch.Tensor]] = {}
 
         def observer(site, q, k, v, attn_mask, attrs):
-            out = default_output(q, k, v, attn_mask, attrs)
             if site in order:
-                j = order[site]
-                if j == 0:
-                    seen.clear()  # a new batch: compare only sites that saw the same input
-                qf, kf, vf = q.float()[..., :MAX_TOKENS, :], k.float(), v.float()
-                mask = attn_mask[..., :MAX_TOKENS, :] if attn_mask is not None and \
-                    attn_mask.shape[-2] > 1 else attn_mask
-                ref = reference_attention(qf, kf, vf, mask, **attrs)
-                norm[j] += float((ref ** 2).sum())
-                for i, (qi, ki, vi, mi, ai) in seen.items():
-                    if self.what == "kv":
-                        if ki.shape[1] != kf.shape[1] or ki.shape[-1] != kf.shape[-1]:
-                            cost[i, j] = float("inf")
-                            continue
-                        got = reference_attention(qf, ki, vi, mask, **attrs)
-                    else:
-                        if qi.shape[1] != qf.shape[1] or ki.shape[1] != vf.shape[1]:
-                            cost[i, j] = float("inf")
-                            continue
-                        got = reference_attention(qi, ki, vf, mi, **ai)
-                    cost[i, j] += float(((got - ref) ** 2).sum())
-                seen[j] = (qf, kf, vf, mask, attrs)
-            return out
+                if self.what == "kv":
+                    f = torch.cat([k.float().flatten(2), v.float().flatten(2)], -1)
+                else:
+                    f = reference_probs(q, k, attn_mask, scale=attrs["scale"],
+                                        is_causal=attrs["is_causal"],
+                                        sparsity=attrs["sparsity"],
+                                        softcap=attrs["softcap"]).flatten(2)
+                feats.setdefault(order[site], []).append(f.flatten(0, 1))  # [B*H, features]
+            return default_output(q, k, v, attn_mask, attrs)
 
-        calibrate(program, ctx, observer, f"{self.name} layers=auto: sharing error")
-        return cost / norm.clamp_min(1e-30)[None, :]
+        calibrate(program, ctx, observer, f"{self.name} layers=auto: similarity")
+        n = len(sites)
+        stacked = [torch.cat(feats[i]) for i in range(n)]
+        cost = torch.zeros(n, n)
+        for i in range(n):
+            for j in range(i + 1, n):
+                if stacked[i].shape != stacked[j].shape:
+                    cost[i, j] = 2.0  # incompatible shapes: never share
+                    continue
+                cos = F.cosine_similarity(stacked[i], stacked[j], dim=-1).mean()
+                cost[i, j] = 1.0 - float(cos)
+        return cost
