@@ -5,7 +5,7 @@
         heads=H only those query heads (e.g. ``0;4``) do, the others keep full attention.
     sparse:heads=auto,density=P[,window=W][,sink=S][,ctx=N]
         per KV head, a calibrated choice between full attention and sink+window (window W,
-        or by default a window per head from 16..512), so that the whole model computes a
+        or by default a window per head from 64..512), so that the whole model computes a
         fraction P of the causal score matrix at context N while changing the heads' outputs
         (through o_proj) least on calibration text (DuoAttention / MoA, without training).
 """
@@ -34,7 +34,7 @@ register("sparse", {
 })
 
 AUTO_WINDOW, AUTO_SINK = 64, 4
-WINDOW_CHOICES = (32, 48, 64, 96, 128, 192, 256, 384, 512)
+WINDOW_CHOICES = (64, 96, 128, 192, 256, 384, 512)
 
 
 class SparsePass:
