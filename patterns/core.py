@@ -21,7 +21,6 @@ from torch.fx import GraphModule, Node
 from rewriter.patterns.graph import (
     MatchFailure,
     arg,
-    concrete,
     data_users,
     depends_on_input,
     is_op,
@@ -201,7 +200,7 @@ def _matmul_operands(product: Node, pv: Node):
         out_steps: tuple[Step, ...] = ()
         pattern = "matmul-softmax"
     elif rank == 3:
-        heads = _heads_3d(a)
+        heads = heads_of_flat_batch(a)
         unflat = unflatten_heads(heads)
         q = Operand(a, (unflat,))
         k = simplify_transpose(Operand(b, (transpose_last(), unflat)))
@@ -215,10 +214,6 @@ def _matmul_operands(product: Node, pv: Node):
     if heads is None:
         raise MatchFailure("the number of heads is not static", product)
     return q, k, vo, heads, out_steps, rank, pattern
-
-
-def _heads_3d(a: Node) -> int:
-    return heads_of_flat_batch(a)
 
 
 def _einsum_operands(product: Node, pv: Node):
@@ -248,7 +243,7 @@ def _einsum_operands(product: Node, pv: Node):
         raise MatchFailure("value einsum output drops or adds labels", pv)
     out_steps = _perm_step(canonical, list(lout))
     if len(batch) == 1:
-        heads = _heads_3d(a) if not q.steps else None
+        heads = heads_of_flat_batch(a) if not q.steps else None
         if heads is None:
             raise MatchFailure("einsum over a flattened batch*heads with permuted operands",
                                product)
@@ -358,4 +353,4 @@ def layer_index(path: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-__all__ = ["CoreMatch", "Rule", "RuleSet", "Rejection", "find", "DEFAULT_RULES", "concrete"]
+__all__ = ["CoreMatch", "Rule", "RuleSet", "Rejection", "find", "DEFAULT_RULES"]

@@ -82,7 +82,7 @@ def scalar_constant(x: Any, gm: GraphModule | None = None) -> float | None:
     if not isinstance(x, Node):
         return None
     if x.op == "get_attr" and gm is not None:
-        t = _fetch_attr(gm, x.target)
+        t = fetch_attr(gm, x.target)
         if isinstance(t, torch.Tensor) and t.numel() == 1:
             return float(t.item())
         return None
@@ -98,15 +98,12 @@ def scalar_constant(x: Any, gm: GraphModule | None = None) -> float | None:
     return None
 
 
-def _fetch_attr(gm: GraphModule, target: str) -> Any:
+def fetch_attr(gm: GraphModule, target: str) -> Any:
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
 
-
-def fetch_attr(gm: GraphModule, target: str) -> Any:
-    return _fetch_attr(gm, target)
 
 
 # Ops that read only a tensor's shape/dtype, never its values.

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import rewriter.ops  # noqa: F401  (the op must be registered to save or load the graph)
-from rewriter.errors import ModelLoadError, RewriterError
+from rewriter.errors import ModelLoadError, RewriterError, first_line
 from rewriter.frontend import dynamic_shapes_for, strip_runtime_asserts
 from rewriter.models import _quiet_tqdm
 
@@ -167,8 +167,8 @@ def load_program(path):
         manifest = json.loads(manifest_path.read_text())
         ep = torch.export.load(pt2)
     except Exception as exc:
-        first = next((ln for ln in str(exc).splitlines() if ln.strip()), repr(exc))
-        raise ModelLoadError(f"{path}: cannot read the saved program: {first}") from exc
+        raise ModelLoadError(f"{path}: cannot read the saved program: {first_line(exc)}") \
+            from exc
     module = ep.module()
     strip_runtime_asserts(module)
     sites = [AttentionSite.from_dict(d) for d in manifest["sites"]]

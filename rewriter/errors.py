@@ -4,6 +4,11 @@ codes and never shows a traceback for them."""
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (libraries often add pages)."""
+    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), repr(exc))
+
+
 class RewriterError(Exception):
     exit_code = 1
 

@@ -12,7 +12,7 @@ from torch.export import Dim
 from torch.utils._pytree import tree_map
 
 import rewriter.ops  # noqa: F401  (registers torch.ops.rewriter.attention)
-from rewriter.errors import CaptureError, NoAttentionError
+from rewriter.errors import CaptureError, NoAttentionError, first_line
 from rewriter.patterns.graph import copy_graph, graph_module_from
 
 aten = torch.ops.aten
@@ -48,7 +48,7 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None, dynamic: bo
         return torch.export.export(model, tuple(args), kwargs=kwargs, strict=False,
                                    dynamic_shapes=shapes)
     except Exception as exc:  # export raises many types; they all mean "cannot capture"
-        reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), repr(exc))
+        reason = first_line(exc)
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
                            f"{type(exc).__name__}: {reason}") from exc
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from rewriter.errors import ModelLoadError
+from rewriter.errors import ModelLoadError, first_line
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, *,
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             directory, **({"gguf_file": gguf_file} if gguf_file else {}))
     except Exception as exc:
-        first = next((ln for ln in str(exc).splitlines() if ln.strip()), repr(exc))
+        first = first_line(exc)
         raise ModelLoadError(f"cannot load {name_or_path}: {type(exc).__name__}: {first}") \
             from exc
     model.eval()

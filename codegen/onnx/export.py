@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from rewriter.codegen.onnx.translate import ATTENTION, plan, translation
-from rewriter.errors import RewriterError
+from rewriter.errors import RewriterError, first_line
 from rewriter.frontend import dynamic_shapes_for
 
 TARGETS = ("onnx", "ort")
@@ -77,7 +77,7 @@ def _root_cause(exc: BaseException) -> str:
     """The innermost error's first line: the exporter wraps the real reason several times."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
-    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    first = first_line(exc) if str(exc).strip() else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
