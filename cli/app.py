@@ -513,33 +513,34 @@ def export(
         "--target", metavar="onnx|ort",
         help="onnx: standard ops (opset 23); ort: ONNX Runtime contrib ops "
         "(GroupQueryAttention, MultiHeadAttention) where they express the site.")] = "onnx",
+    kv_cache: Annotated[bool, typer.Option(
+        "--kv-cache", help="Export a decoder step: past_key_N/past_value_N inputs and "
+        "present_key_N/present_value_N outputs (causal LMs; checked against the model "
+        "before export).")] = False,
+    trust_pickle: TrustPickleOpt = False,
     seq_len: SeqLenOpt = DEFAULT_SEQ_LEN,
     as_json: JsonOpt = False,
 ) -> None:
-    """Capture MODEL and export it to ONNX with dynamic batch and sequence axes."""
-    import rewriter as rw
-
+    """Export MODEL (a checkpoint, zoo name or saved program) to ONNX with dynamic batch and
+    sequence axes."""
     err = stderr_console()
-    with user_errors():
-        if target not in ("onnx", "ort"):
-            raise typer.BadParameter(f"{target!r} is not one of onnx, ort",
-                                     param_hint="--target")
-        with step(err, f"loading {model}"):
-            inputs = load_model(model, seq_len)
-        with step(err, f"capturing {inputs.name} (seq-len {seq_len})"):
-            prog = rw.capture(inputs.model, inputs.args, inputs.kwargs)
+    with user_errors(), Reporter(err) as rep:
+        _choice(target, ONNX_TARGETS, "--target")
+        prog = open_model(model, seq_len, rep, trust_pickle=trust_pickle)
         quiet_onnx()
-        with step(err, f"exporting to {out} (target {target})"):
-            rows = prog.export_onnx(out, target)
-        if as_json:
-            typer.echo(json.dumps({"model": inputs.name, "path": out, "target": target,
-                                   "sites": rows}, indent=2))
-        else:
-            ops: dict[str, int] = {}
-            for row in rows:
-                ops[row["op"]] = ops.get(row["op"], 0) + 1
-            summary = ", ".join(f"{n} x {op}" for op, n in ops.items())
-            typer.echo(f"wrote {out}: {len(rows)} attention sites ({summary})")
+        what = "decoder with KV cache" if kv_cache else "model"
+        with rep.step(f"exporting the {what} to {out} (target {target})"):
+            rows = prog.export_onnx(out, target, kv_cache=kv_cache)
+    if as_json:
+        typer.echo(json.dumps({"model": model, "path": out, "target": target,
+                               "kv_cache": kv_cache, "sites": rows}, indent=2))
+        return
+    ops: dict[str, int] = {}
+    for row in rows:
+        ops[row["op"]] = ops.get(row["op"], 0) + 1
+    summary = ", ".join(f"{n} x {op}" for op, n in ops.items())
+    typer.echo(f"wrote {out}: {len(rows)} attention sites ({summary})"
+               + (", with a KV cache" if kv_cache else ""))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,17 @@
 Targets: "onnx" (standard ops, opset 23: runs anywhere) and "ort" (com.microsoft
 GroupQueryAttention / MultiHeadAttention where they express the site). Which op each site
 became, and why, is in program.manifest["onnx"] and in ``<path>.json``.
+
+Decoders with a KV cache (causal LMs; see rewriter.decoder):
+
+    prog.export_onnx("out/decoder.onnx", target="ort", kv_cache=True)
+    sess = rwonnx.session("out/decoder.onnx")
+    tokens = rwonnx.generate(sess, prompt_ids, max_new_tokens=32)      # greedy
+
+Inputs input_ids [batch, sequence], past_key_<n>/past_value_<n> [batch, Hkv, past_sequence,
+D]; outputs logits and present_key_<n>/present_value_<n>. With target "ort", ONNX Runtime's
+GroupQueryAttention takes several new tokens after a non-empty cache only at batch 1
+(prefill and one-token steps work at any batch).
 """
 
 from __future__ import annotations
@@ -20,14 +31,52 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["export_onnx", "run", "session"]
+__all__ = ["export_onnx", "generate", "run", "session"]
 
 
-def export_onnx(program, path: str | os.PathLike, target: str = "onnx", **options) -> list[dict]:
-    """Export ``program`` to ``path`` (see rewriter.codegen.onnx.export.export_program)."""
-    from rewriter.codegen.onnx.export import export_program
+def export_onnx(program, path: str | os.PathLike, target: str = "onnx", *,
+                kv_cache: bool = False, **options) -> list[dict]:
+    """Export ``program`` to ``path`` (see rewriter.codegen.onnx.export.export_program);
+    ``kv_cache``: as a decoder step with past/present key-value inputs and outputs (built and
+    checked by rewriter.decoder.build_decoder, then export_decoder)."""
+    from rewriter.codegen.onnx.export import export_decoder, export_program
 
+    if kv_cache:
+        from rewriter.decoder import build_decoder
+
+        return export_decoder(build_decoder(program), path, target, **options)
     return export_program(program, path, target, **options)
+
+
+def generate(sess, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding with a decoder exported with ``kv_cache=True``: the prompt [B, S]
+    followed by ``max_new_tokens`` tokens. The cache starts empty ([B, Hkv, 0, D], shapes
+    read from the session's inputs) and each step feeds back the present tensors."""
+    inputs = sess.get_inputs()
+    names = [i.name for i in inputs]
+    if len(names) < 2 or names[0] != "input_ids" \
+            or not all(n.startswith("past_") for n in names[1:]):
+        raise ValueError(f"not a decoder with a KV cache (inputs: {names}); export with "
+                         "kv_cache=True")
+    outputs = [o.name for o in sess.get_outputs()]
+    present = [outputs.index(n.replace("past_", "present_", 1)) for n in names[1:]]
+    batch = input_ids.shape[0]
+    past = [np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=_numpy_dtype(i.type))
+            for i in inputs[1:]]
+    step = _numpy(input_ids).astype(np.int64)
+    out = [step]
+    for _ in range(max_new_tokens):
+        results = sess.run(None, {"input_ids": step, **dict(zip(names[1:], past, strict=True))})
+        step = results[0][:, -1].argmax(-1)[:, None].astype(np.int64)
+        out.append(step)
+        past = [results[j] for j in present]
+    return torch.from_numpy(np.concatenate(out, axis=1))
+
+
+def _numpy_dtype(onnx_type: str):
+    """'tensor(float)' -> np.float32 (the types our exports use for the cache)."""
+    return {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+            "tensor(double)": np.float64}[onnx_type]
 
 
 def session(path: str | os.PathLike, *, threads: int | None = None,

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["attention", "reference_attention", "reference_probs"]
+__all__ = ["attention", "cached_attention", "reference_attention", "reference_probs"]
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -162,3 +162,44 @@ def _attention_fake(q, k, v, attn_mask=None, *, scale, is_causal=False, sparsity
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+@torch.library.custom_op("rewriter::cached_attention", mutates_args=())
+def cached_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    past_key: Tensor,
+    past_value: Tensor,
+    *,
+    scale: float,
+    sparsity: str = "",
+    softcap: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Causal self-attention of S new tokens over a KV cache (the decoder's form of the op).
+
+        q [B, Hq, S, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv],
+        past_key [B, Hkv, P, D], past_value [B, Hkv, P, Dv]
+        -> out [B, Hq, S, Dv], present_key [B, Hkv, P+S, D], present_value [B, Hkv, P+S, Dv]
+
+    present = cat(past, new) on the sequence axis; query i sits at position P+i and sees keys
+    0..P+i (bottom-right causal), then ``sparsity`` and ``softcap`` as in ``attention``."""
+    from rewriter.masks import causal_mask
+
+    present_key = torch.cat([past_key, k], dim=2)
+    present_value = torch.cat([past_value, v], dim=2)
+    keep = causal_mask(q.shape[2], present_key.shape[2]).to(q.device)
+    out = attention(q, present_key, present_value, keep, scale=scale, sparsity=sparsity,
+                    softcap=softcap)
+    return out, present_key, present_value
+
+
+@cached_attention.register_fake
+def _cached_attention_fake(q, k, v, past_key, past_value, *, scale, sparsity="", softcap=0.0):
+    _check_shapes(q, k, v)
+    torch._check(past_key.dim() == 4 and past_value.dim() == 4,
+                 lambda: "rewriter::cached_attention expects 4-D past_key/past_value")
+    present_key = past_key.new_empty((*k.shape[:2], past_key.shape[2] + k.shape[2], k.shape[3]))
+    present_value = past_value.new_empty(
+        (*v.shape[:2], past_value.shape[2] + v.shape[2], v.shape[3]))
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), present_key, present_value

@@ -164,12 +164,20 @@ class Program:
 
         return compile_program(self, backend)
 
-    def export_onnx(self, path, target: str = "onnx") -> list[dict]:
+    def export_onnx(self, path, target: str = "onnx", *, kv_cache: bool = False) -> list[dict]:
         """Write this program as ONNX (target "onnx": standard ops; "ort": ONNX Runtime contrib
-        ops where they fit); returns which op each site became (see rewriter.onnx)."""
+        ops where they fit); returns which op each site became (see rewriter.onnx).
+        ``kv_cache``: a decoder step with past/present key-value inputs and outputs."""
         from rewriter.onnx import export_onnx
 
-        return export_onnx(self, path, target)
+        return export_onnx(self, path, target, kv_cache=kv_cache)
+
+    def decoder(self):
+        """This causal LM as a step function over a KV cache (rewriter.decoder.Decoder),
+        checked against the program before it is returned."""
+        from rewriter.decoder import build_decoder
+
+        return build_decoder(self)
 
     def save(self, path, *, force: bool = False, verification: VerifyReport | None = None) -> dict:
         """Write program.pt2 + manifest.json (+ hf/ where a transformers config expresses the

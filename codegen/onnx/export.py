@@ -1,6 +1,11 @@
 """Export a Program to an .onnx file: torch.onnx.export (dynamo) of ``program.module`` with the
 rewriter::attention translation, dynamic batch and sequence axes, an atomic write, and a
-manifest of which ONNX op each site became (also written next to the file as JSON)."""
+manifest of which ONNX op each site became (also written next to the file as JSON).
+
+``export_decoder`` does the same for a decoder with a KV cache (rewriter.decoder): inputs
+input_ids [batch, sequence] and past_key_<n>/past_value_<n> [batch, Hkv, past_sequence, D],
+outputs logits and present_key_<n>/present_value_<n> [batch, Hkv, past_sequence + sequence, D].
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from rewriter.codegen.onnx.translate import ATTENTION, plan, translation
+from rewriter.codegen.onnx.translate import plan, translations
 from rewriter.errors import RewriterError, first_line
 from rewriter.frontend import dynamic_shapes_for
 
@@ -40,26 +45,57 @@ def export_program(program, path: str | os.PathLike, target: str = "onnx", *,
     ``decompose``: standard ops only (MatMul/Softmax) instead of the opset-23 Attention op."""
     if target not in TARGETS:
         raise ExportError(f"unknown ONNX target {target!r} (allowed: {', '.join(TARGETS)})")
+    plans = plan(program.module, {s.node: s for s in program.sites}, target, decompose)
+    args, kwargs = tuple(program.example_args), dict(program.example_kwargs)
+    model = _to_onnx(program.module, args, kwargs,
+                     dynamic_shapes_for(program.module, args, kwargs), plans)
+    document = _write(model, path, target, plans, check)
+    program.manifest["onnx"] = {**document, "path": str(path)}
+    return document["sites"]
+
+
+def export_decoder(decoder, path: str | os.PathLike, target: str = "onnx", *,
+                   decompose: bool = False, check: bool = True) -> list[dict]:
+    """Write ``decoder`` (rewriter.decoder.Decoder) as ONNX with past/present KV inputs and
+    outputs; returns the per-site manifest rows (the manifest JSON also lists the cache)."""
+    from torch.export import Dim
+
+    from rewriter.decoder import example_inputs
+
+    if target not in TARGETS:
+        raise ExportError(f"unknown ONNX target {target!r} (allowed: {', '.join(TARGETS)})")
+    plans = plan(decoder.module, decoder.sites_by_node, target, decompose)
+    batch, seq, past = Dim("batch"), Dim("sequence"), Dim("past_sequence")
+    shapes = ({0: batch, 1: seq}, *({0: batch, 2: past} for _ in decoder.cache))
+    model = _to_onnx(decoder.module, tuple(example_inputs(decoder)), {}, shapes, plans,
+                     names=(decoder.input_names, decoder.output_names))
+    cache = [{"input": e.input_name, "output": e.output_name, "kv_heads": e.heads,
+              "head_dim": e.head_dim, "sites": list(e.sites)} for e in decoder.cache]
+    document = _write(model, path, target, plans, check, cache=cache)
+    decoder.program.manifest["onnx_decoder"] = {**document, "path": str(path)}
+    return document["sites"]
+
+
+def _write(model: onnx.ModelProto, path: str | os.PathLike, target: str, plans, check: bool,
+           **extra) -> dict:
+    """Check, then write the model and its manifest (``<path>.json``) atomically."""
     path = Path(path)
-    plans = plan(program, target, decompose)
-    model = _to_onnx(program, plans)
     if check:
         onnx.checker.check_model(model)
     rows = [p.to_dict() for p in plans]
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, model.SerializeToString())
     document = {"target": target, "opset": OPSET, "inputs": [i.name for i in model.graph.input],
-                "outputs": [o.name for o in model.graph.output], "sites": rows}
+                "outputs": [o.name for o in model.graph.output], "sites": rows, **extra}
     _atomic_write(manifest_path(path), json.dumps(document, indent=2).encode())
-    program.manifest["onnx"] = {**document, "path": str(path)}
-    return rows
+    return document
 
 
-def _to_onnx(program, plans) -> onnx.ModelProto:
-    module = program.module
-    args, kwargs = tuple(program.example_args), dict(program.example_kwargs)
-    shapes = dynamic_shapes_for(module, args, kwargs)
-    table = {ATTENTION: translation(plans)}
+def _to_onnx(module, args: tuple, kwargs: dict, shapes, plans, *,
+             names: tuple[list[str], list[str]] | None = None) -> onnx.ModelProto:
+    """torch.onnx.export with our translations; ``names`` renames the graph inputs and
+    outputs (the exporter names them after FX nodes)."""
+    table = translations(plans)
     # torch.onnx prints progress lines and warnings; keep a library call quiet.
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -70,6 +106,14 @@ def _to_onnx(program, plans) -> onnx.ModelProto:
                 verbose=False)
         except Exception as exc:  # the exporter raises many types; all mean "cannot export"
             raise ExportError(f"torch.onnx.export failed: {_root_cause(exc)}") from exc
+    if names is not None:
+        graph = onnx_program.model.graph
+        for values, wanted in ((graph.inputs, names[0]), (graph.outputs, names[1])):
+            if len(values) != len(wanted):
+                raise ExportError(f"exported graph has {len(values)} inputs/outputs where "
+                                  f"{len(wanted)} ({', '.join(wanted)}) were expected")
+            for value, name in zip(values, wanted, strict=True):
+                value.name = name
     return onnx_program.model_proto
 
 

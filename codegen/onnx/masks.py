@@ -26,9 +26,10 @@ def dim(x, axis: int):
     return op.Squeeze(op.Shape(x, start=axis, end=axis + 1), const([0]))
 
 
-def positions(q, k):
-    """(query positions [Sq, 1] top-left, bottom-right offset Sk - Sq, key positions [1, Sk])."""
-    sq, sk = dim(q, 2), dim(k, 2)
+def positions(q, k, sk=None):
+    """(query positions [Sq, 1] top-left, bottom-right offset Sk - Sq, key positions [1, Sk]).
+    ``sk``: the key count as a scalar, when no tensor holds all keys (a cache's past + new)."""
+    sq, sk = dim(q, 2), dim(k, 2) if sk is None else sk
     one = const(1)
     q_pos = op.Unsqueeze(op.Range(const(0), sq, one), const([1]))
     k_pos = op.Unsqueeze(op.Range(const(0), sk, one), const([0]))
@@ -41,10 +42,17 @@ def causal_keep(q, k):
     return op.Unsqueeze(op.LessOrEqual(k_pos, q_pos), const([0, 1]))
 
 
-def sparsity_keep(spec: MaskSpec, q, k):
+def causal_keep_bottom_right(q, k, sk=None):
+    """[1, 1, Sq, Sk]: key j visible from query i when j <= i + Sk - Sq (a query after a
+    cache of Sk - Sq tokens; rewriter.masks.causal_mask)."""
+    q_pos, offset, k_pos = positions(q, k, sk)
+    return op.Unsqueeze(op.LessOrEqual(k_pos, op.Add(q_pos, offset)), const([0, 1]))
+
+
+def sparsity_keep(spec: MaskSpec, q, k, sk=None):
     """[1, Hs, Sq, Sk]: the MaskSpec predicate (rewriter.masks.MaskSpec.mask_mod), bottom-right
     aligned: query i sits at position i + Sk - Sq."""
-    q_pos, offset, k_pos = positions(q, k)
+    q_pos, offset, k_pos = positions(q, k, sk)
     dist = op.Sub(op.Add(q_pos, offset), k_pos)  # [Sq, Sk]
     if spec.heads is None:
         window = const(spec.window)

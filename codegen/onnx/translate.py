@@ -1,7 +1,9 @@
 """Translation of ``rewriter::attention`` into ONNX, one op choice per site.
 
 Shape glossary (as in rewriter.ops): q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv],
-out [B, Hq, Sq, Dv]; G = Hq // Hkv query heads per KV head.
+out [B, Hq, Sq, Dv]; G = Hq // Hkv query heads per KV head. In a decoder
+(``rewriter::cached_attention``), k/v hold the S new tokens, past_key/past_value [B, Hkv, P, D]
+the cache, and the outputs add present_key/present_value [B, Hkv, P+S, D].
 
 Ops, by target:
     onnx  Attention (opset 23): GQA, softcap, causal and masks are native; the sparsity mask is
@@ -11,6 +13,10 @@ Ops, by target:
           local_window_size for a plain window, other masks as attention_bias);
           com.microsoft.MultiHeadAttention for the rest when Hq == Hkv and there is no softcap;
           the standard Attention op otherwise.
+
+Decoder sites (cached_attention): "onnx" uses Attention's own past_key/past_value inputs with a
+bottom-right causal mask ("decomposed": Concat, then MatMul/Softmax/MatMul); "ort" uses
+GroupQueryAttention's past_key/past_value (BNSH), seqlens_k = P + S - 1.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from rewriter.codegen.onnx import contrib
 from rewriter.codegen.onnx.masks import (
     bias,
     causal_keep,
+    causal_keep_bottom_right,
     const,
     dim,
     merge,
@@ -35,8 +42,10 @@ from rewriter.codegen.onnx.masks import (
     zero_nan,
 )
 from rewriter.masks import MaskSpec
+from rewriter.ops import attention as _registers_ops  # noqa: F401  (torch.ops.rewriter.*)
 
 ATTENTION = torch.ops.rewriter.attention.default
+CACHED = torch.ops.rewriter.cached_attention.default
 STANDARD, DECOMPOSED, GQA, MHA = "Attention", "decomposed", "GroupQueryAttention", \
     "MultiHeadAttention"
 
@@ -49,23 +58,31 @@ class SitePlan:
     node: str
     op: str
     reason: str
+    cached: bool = False  # a decoder site reading and writing a KV cache
+    rereads: bool = False  # its K or V cache entry is also read by an earlier site (share-kv)
 
     def to_dict(self) -> dict:
         domain = "com.microsoft" if self.op in (GQA, MHA) else ""
-        return {"site": self.site, "node": self.node, "op": self.op, "domain": domain,
-                "reason": self.reason}
+        row = {"site": self.site, "node": self.node, "op": self.op, "domain": domain,
+               "reason": self.reason}
+        return {**row, "kv_cache": True} if self.cached else row
 
 
-def plan(program, target: str, decompose: bool = False) -> list[SitePlan]:
-    """One SitePlan per canonical node, in graph order (the order torch.onnx translates them)."""
-    by_node = {s.node: s for s in program.sites}
-    plans = []
-    for node in program.module.graph.nodes:
-        if node.op != "call_function" or node.target is not ATTENTION:
+def plan(module, sites: dict, target: str, decompose: bool = False) -> list[SitePlan]:
+    """One SitePlan per canonical node of ``module`` (``sites``: node name -> AttentionSite),
+    in graph order (the order torch.onnx translates them)."""
+    plans, read = [], set()
+    for node in module.graph.nodes:
+        if node.op != "call_function" or node.target not in (ATTENTION, CACHED):
             continue
-        site = by_node.get(node.name)
-        op_name, reason = choose(node, site, target, decompose)
-        plans.append(SitePlan(None if site is None else site.index, node.name, op_name, reason))
+        site = sites.get(node.name)
+        cached = node.target is CACHED
+        op_name, reason = (choose_cached if cached else choose)(node, site, target, decompose)
+        rereads = cached and bool(read & set(node.args[3:5]))
+        if cached:
+            read.update(node.args[3:5])
+        plans.append(SitePlan(None if site is None else site.index, node.name, op_name, reason,
+                              cached, rereads))
     return plans
 
 
@@ -101,6 +118,28 @@ def choose(node, site, target: str, decompose: bool) -> tuple[str, str]:
                  else "non-causal self-attention") + f", {hq} heads"
 
 
+def choose_cached(node, site, target: str, decompose: bool) -> tuple[str, str]:
+    """A decoder site: causal self-attention of S new tokens over a cache of P."""
+    del site
+    q, k, v = (a.meta["val"] for a in node.args[:3])
+    attrs = node.kwargs
+    hq, hkv = q.shape[1], k.shape[1]
+    if target == "onnx":
+        if decompose:
+            return DECOMPOSED, "asked for the decomposition; cache by Concat"
+        return STANDARD, "standard ONNX Attention (opset 23) with past_key/past_value" + (
+            f", GQA {hq}/{hkv} native" if hq != hkv else "")
+    if q.shape[-1] != v.shape[-1]:
+        return (DECOMPOSED if decompose else STANDARD), \
+            "D != Dv: the contrib ops take one head size"
+    spec = MaskSpec.parse(attrs.get("sparsity", ""))
+    how = "local_window_size" if _plain_window(spec) else \
+        "attention_bias" if attrs.get("sparsity") else ""
+    return GQA, f"causal self-attention over the KV cache, {hq}/{hkv} heads" + (
+        f", softcap {attrs['softcap']:g}" if attrs.get("softcap") else "") + (
+        f", sparsity via {how}" if how else "")
+
+
 def _plain_window(spec: MaskSpec) -> bool:
     return spec.window is not None and spec.heads is None and spec.sink == 0 \
         and spec.dilation == 1
@@ -108,10 +147,14 @@ def _plain_window(spec: MaskSpec) -> bool:
 
 # --- translations (traced onnxscript: called by torch.onnx once per node) ------------------
 
-def translation(plans: list[SitePlan]) -> Callable:
-    """The custom_translation_table entry: consumes ``plans`` in graph order."""
-    queue = list(plans)
+def translations(plans: list[SitePlan]) -> dict[object, Callable]:
+    """The custom_translation_table entries for both canonical ops; each consumes its
+    ``plans`` in graph order."""
+    queue = [p for p in plans if not p.cached]
+    cached_queue = [p for p in plans if p.cached]
     impls = {STANDARD: standard, DECOMPOSED: decomposed, GQA: group_query, MHA: multi_head}
+    cached_impls = {STANDARD: standard_cached, DECOMPOSED: decomposed_cached,
+                    GQA: group_query_cached}
 
     def rewriter_attention(q, k, v, attn_mask=None, *, scale: float, is_causal: bool = False,
                            sparsity: str = "", softcap: float = 0.0):
@@ -121,7 +164,16 @@ def translation(plans: list[SitePlan]) -> Callable:
         return impls[site.op](q, k, v, attn_mask, scale=scale, is_causal=is_causal,
                               spec=MaskSpec.parse(sparsity), softcap=softcap)
 
-    return rewriter_attention
+    def rewriter_cached_attention(q, k, v, past_key, past_value, *, scale: float,
+                                  sparsity: str = "", softcap: float = 0.0):
+        if not cached_queue:
+            raise RuntimeError("more rewriter::cached_attention nodes than planned sites")
+        site = cached_queue.pop(0)
+        impl = standard_concat if site.op == STANDARD and site.rereads else cached_impls[site.op]
+        return impl(q, k, v, past_key, past_value, scale=scale, spec=MaskSpec.parse(sparsity),
+                    softcap=softcap)
+
+    return {ATTENTION: rewriter_attention, CACHED: rewriter_cached_attention}
 
 
 def standard(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap):
@@ -134,10 +186,12 @@ def standard(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap):
     return y
 
 
-def decomposed(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap):
+def decomposed(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap, keep=None,
+               kv_heads: int | None = None):
     """MatMul / Softmax / MatMul. GQA without repeating K/V: q [B, Hq, Sq, D] is viewed as
-    [B, Hkv, G*Sq, D] (head h = kv * G + g), so both MatMuls have matching batch dims."""
-    hq, hkv = q.shape[1], k.shape[1]
+    [B, Hkv, G*Sq, D] (head h = kv * G + g), so both MatMuls have matching batch dims.
+    ``keep``: an extra bool keep-mask; ``kv_heads`` when k is built in-graph (no shape)."""
+    hq, hkv = q.shape[1], kv_heads or k.shape[1]
     grouped = hq != hkv
     qs = op.Mul(q, op.CastLike(const(scale, np.float32), q))  # scale on q: Sq*D, not Sq*Sk
     if grouped:
@@ -148,7 +202,9 @@ def decomposed(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap)
     if softcap > 0:
         cap = op.CastLike(const(softcap, np.float32), s)
         s = op.Mul(op.Tanh(op.Div(s, cap)), cap)
-    keep = causal_keep(q, k) if is_causal else None
+    if is_causal:
+        causal = causal_keep(q, k)
+        keep = causal if keep is None else op.And(keep, causal)
     if not spec.is_dense:
         sparse = sparsity_keep(spec, q, k)
         keep = sparse if keep is None else op.And(keep, sparse)
@@ -206,3 +262,66 @@ def multi_head(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap)
                                    scale=scale)
     y = _unpack(y, q.shape[1])
     return y if add is None else zero_nan(y)
+
+
+# --- decoder sites: rewriter::cached_attention --------------------------------------------
+
+def _total_length(k, past_key):
+    """Scalar int64 P + S: the keys after this step."""
+    return op.Add(dim(past_key, 2), dim(k, 2))
+
+
+def standard_cached(q, k, v, past_key, past_value, *, scale, spec: MaskSpec, softcap):
+    """ONNX Attention (opset 23) with its own past_key/past_value inputs (it concatenates and
+    returns present_key/present_value); causal bottom-right, as an explicit bool mask."""
+    total = _total_length(k, past_key)
+    keep = causal_keep_bottom_right(q, k, total)
+    if not spec.is_dense:
+        keep = op.And(keep, sparsity_keep(spec, q, k, total))
+    y, present_key, present_value, _ = op.Attention(
+        q, k, v, keep, past_key, past_value, scale=scale, is_causal=0, softcap=softcap)
+    return y, present_key, present_value
+
+
+def standard_concat(q, k, v, past_key, past_value, *, scale, spec: MaskSpec, softcap):
+    """ONNX Attention over Concat(past, new): for a site re-reading a cache entry an earlier
+    site returns as present (share-kv), as ORT's Attention insists on writing a present
+    output whenever it is given a past."""
+    present_key = op.Concat(past_key, k, axis=2)
+    present_value = op.Concat(past_value, v, axis=2)
+    total = _total_length(k, past_key)
+    keep = causal_keep_bottom_right(q, k, total)
+    if not spec.is_dense:
+        keep = op.And(keep, sparsity_keep(spec, q, k, total))
+    y, *_ = op.Attention(q, present_key, present_value, keep, scale=scale, is_causal=0,
+                         softcap=softcap)
+    return y, present_key, present_value
+
+
+def decomposed_cached(q, k, v, past_key, past_value, *, scale, spec: MaskSpec, softcap):
+    """Concat the cache, then the decomposition with a bottom-right causal mask."""
+    present_key = op.Concat(past_key, k, axis=2)
+    present_value = op.Concat(past_value, v, axis=2)
+    keep = causal_keep_bottom_right(q, k, _total_length(k, past_key))
+    y = decomposed(q, present_key, present_value, None, scale=scale, is_causal=False,
+                   spec=spec, softcap=softcap, keep=keep, kv_heads=k.shape[1])
+    return y, present_key, present_value
+
+
+def group_query_cached(q, k, v, past_key, past_value, *, scale, spec: MaskSpec, softcap):
+    """com.microsoft.GroupQueryAttention with past_key/past_value (BNSH): causal bottom-right
+    over P + S keys, seqlens_k = P + S - 1 for every row (no padding in the cache)."""
+    hq, hkv = q.shape[1], k.shape[1]
+    total64 = _total_length(k, past_key)
+    total = op.Cast(total64, to=ir.DataType.INT32)
+    seqlens = op.Expand(op.Sub(total, op.Constant(value=ir.tensor(np.int32(1)))),
+                        op.Shape(q, start=0, end=1))
+    window = spec.window if _plain_window(spec) else -1
+    keep = None if spec.is_dense or window > 0 else sparsity_keep(spec, q, k, total64)
+    add = None if keep is None else bias(None, keep, q)
+    y, present_key, present_value = contrib.GroupQueryAttention(
+        _pack(q), _pack(k), _pack(v), past_key, past_value, seqlens, total, None, None, None,
+        add, num_heads=hq, kv_num_heads=hkv, scale=scale, softcap=softcap,
+        local_window_size=window)
+    y = _unpack(y, hq)
+    return (y if add is None else zero_nan(y)), present_key, present_value
