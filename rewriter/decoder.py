@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_leaves
 
 from rewriter.errors import RewriterError
 from rewriter.ops import attention as _attention_op  # noqa: F401  (registers the ops)
+from rewriter.patterns.graph import copy_graph
 
 __all__ = ["CacheEntry", "Decoder", "DecoderError", "build_decoder", "greedy_reference"]
 
@@ -72,6 +73,11 @@ class Decoder:
     program: object = field(repr=False)
     sites_by_node: dict = field(default_factory=dict, repr=False)  # cached node -> site
     verify_error: float = float("nan")  # max |prefill+step - full| / max |full| at build
+
+    @property
+    def static_batch(self) -> int | None:
+        """The batch size when the capture fixed it (torch.export pins a size-1 batch)."""
+        return _static_batch(self.module)
 
     @property
     def input_names(self) -> list[str]:
@@ -118,46 +124,68 @@ def build_decoder(program, *, check: bool = True) -> Decoder:
     """The program as a decoder step with a KV cache; raises DecoderError when the program is
     not a causal LM of causal self-attention sites, or when the decoder does not reproduce the
     program (``check``: prefill of a prompt plus one step against one full forward)."""
+    from rewriter.passes.canonicalize import cleanup
+
     _check_sites(program)
-    graph = _copy(program.module.graph)
+    graph = copy_graph(program.module)
     ids = _token_input(graph)
     canonical = [n for n in graph.nodes if n.op == "call_function" and n.target is ATTENTION]
-    site_by_name = {s.node: s for s in program.sites}
-    site_of = {name: s.index for name, s in site_by_name.items()}
-    cached_sites: dict[str, object] = {}
-
-    # Inputs: input_ids, then one past tensor per distinct K/V node, in first-use order.
-    last_placeholder = ids
-    pasts: dict[Node, tuple[Node, CacheEntry]] = {}
-    counts = {"key": 0, "value": 0}
-    readers: dict[Node, list[int]] = {}
-    for node in canonical:
-        for kind, source in (("key", node.args[1]), ("value", node.args[2])):
-            readers.setdefault(source, []).append(site_of.get(node.name, -1))
-            if source in pasts:
-                continue
-            heads, _, head_dim = _bhd(source)
-            entry = CacheEntry(kind, counts[kind], heads, head_dim, ())
-            counts[kind] += 1
-            with graph.inserting_after(last_placeholder):
-                ph = graph.placeholder(entry.input_name)
-            ph.meta["val"] = _past_fake(source)
-            last_placeholder = ph
-            pasts[source] = (ph, entry)
-    entries = {src: CacheEntry(e.kind, e.index, e.heads, e.head_dim, tuple(readers[src]))
-               for src, (_, e) in pasts.items()}
-
-    # Positions: arange over the token axis starts at P.
-    first_past = next(iter(pasts.values()))[0]
-    with graph.inserting_after(last_placeholder):
-        past_len = graph.call_function(aten.sym_size.int, (first_past, 2))
-    shifted = _shift_positions(graph, ids, past_len)
-    if not shifted:
+    if not canonical:
+        raise DecoderError("the program has no rewriter::attention nodes (compiled for a "
+                           "backend?): build the decoder from the program before compile()")
+    sites = {s.node: s for s in program.sites}
+    pasts, past_len = _add_cache_inputs(graph, ids, canonical, sites)
+    if not _shift_positions(graph, ids, past_len):
         raise DecoderError("no arange over the token axis found: cannot tell where the model "
                            "computes positions, so cached decoding would restart them at 0")
+    presents, cached_sites = _attend_over_cache(graph, canonical, pasts, sites)
+    cache = _set_outputs(graph, pasts, presents)
+    _drop_static_inputs(graph)
+    graph.set_codegen(CodeGen())  # a plain forward(input_ids, past_key_0, ...) signature
+    module = GraphModule(program.module, graph, class_name="Decoder")
+    cleanup(module)
+    _propagate_fake(module)
+    decoder = Decoder(module, cache, program, cached_sites)
+    if check:
+        decoder.verify_error = check_decoder(decoder)
+    return decoder
 
-    # Attention: cached_attention over cat(past, new); presents become outputs.
+
+def _add_cache_inputs(graph: Graph, ids: Node, canonical: list[Node], sites: dict
+                      ) -> tuple[dict[Node, tuple[Node, CacheEntry]], Node]:
+    """A past_<kind>_<n> placeholder per distinct K/V node, in first-use order; returns
+    {K/V node: (placeholder, entry)} and a node holding P (the past length)."""
+    pasts: dict[Node, tuple[Node, CacheEntry]] = {}
+    readers: dict[Node, list[int]] = {}
+    counts = {"key": 0, "value": 0}
+    last = ids
+    for node in canonical:
+        site = sites.get(node.name)
+        for kind, source in (("key", node.args[1]), ("value", node.args[2])):
+            readers.setdefault(source, []).append(-1 if site is None else site.index)
+            if source in pasts:
+                continue
+            shape = source.meta["val"].shape  # [B, Hkv, S, D]
+            entry = CacheEntry(kind, counts[kind], int(shape[1]), int(shape[3]), ())
+            counts[kind] += 1
+            with graph.inserting_after(last):
+                last = graph.placeholder(entry.input_name)
+            last.meta["val"] = source.meta["val"]  # rank and dtype; re-derived at the end
+            pasts[source] = (last, entry)
+    pasts = {src: (ph, CacheEntry(e.kind, e.index, e.heads, e.head_dim, tuple(readers[src])))
+             for src, (ph, e) in pasts.items()}
+    first_past = next(iter(pasts.values()))[0]
+    with graph.inserting_after(last):
+        past_len = graph.call_function(aten.sym_size.int, (first_past, 2))
+    return pasts, past_len
+
+
+def _attend_over_cache(graph: Graph, canonical: list[Node], pasts: dict, sites: dict
+                       ) -> tuple[dict[Node, Node], dict[str, object]]:
+    """Each canonical node -> cached_attention; returns {K/V node: its present} (from the
+    first site reading it) and {cached node name: site}."""
     presents: dict[Node, Node] = {}
+    cached_sites: dict[str, object] = {}
     for node in canonical:
         q, k, v = node.args[:3]
         kw = node.kwargs
@@ -171,31 +199,24 @@ def build_decoder(program, *, check: bool = True) -> Decoder:
                 if source not in presents:
                     presents[source] = graph.call_function(operator.getitem, (cached, i))
         out.meta = dict(node.meta)
-        if node.name in site_by_name:
-            cached_sites[cached.name] = site_by_name[node.name]
+        if node.name in sites:
+            cached_sites[cached.name] = sites[node.name]
         node.replace_all_uses_with(out)
         graph.erase_node(node)
+    return presents, cached_sites
 
-    # Outputs: logits (the model's first output), then the presents in cache order.
+
+def _set_outputs(graph: Graph, pasts: dict, presents: dict) -> list[CacheEntry]:
+    """Outputs: logits (the model's first output), then the presents in cache order
+    (key_0, value_0, key_1, ...); returns the cache entries in that order."""
     output = next(n for n in graph.nodes if n.op == "output")
     leaves = [x for x in tree_leaves(output.args[0]) if isinstance(x, Node)]
     if not leaves:
         raise DecoderError("the program has no tensor output to take logits from")
-    order = sorted(pasts, key=lambda s: (pasts[s][1].index, pasts[s][1].kind != "key"))
+    order = sorted(pasts, key=lambda src: (pasts[src][1].index, pasts[src][1].kind != "key"))
     graph.erase_node(output)
-    graph.output((leaves[0], *(presents[s] for s in order)))
-
-    _drop_static_inputs(graph)
-    graph.set_codegen(CodeGen())
-    from rewriter.passes.canonicalize import cleanup
-
-    module = GraphModule(program.module, graph, class_name="Decoder")
-    cleanup(module)
-    _propagate_fake(module)
-    decoder = Decoder(module, [entries[s] for s in order], program, cached_sites)
-    if check:
-        decoder.verify_error = check_decoder(decoder)
-    return decoder
+    graph.output((leaves[0], *(presents[src] for src in order)))
+    return [pasts[src][1] for src in order]
 
 
 def check_decoder(decoder: Decoder, prompt_len: int = 7, batch: int = 2,
@@ -203,6 +224,7 @@ def check_decoder(decoder: Decoder, prompt_len: int = 7, batch: int = 2,
     """Prefill ``prompt_len`` tokens, step one more, and compare each logits row with one
     forward of the program over all of them; raises DecoderError past ``tolerance``."""
     program = decoder.program
+    batch = decoder.static_batch or batch
     gen = torch.Generator().manual_seed(0)
     vocab = _vocab_size(decoder)
     ids = torch.randint(0, vocab, (batch, prompt_len + 1), generator=gen)
@@ -234,14 +256,6 @@ def _check_sites(program) -> None:
                                "causal self-attention only (mask 'causal' or 'causal-mask')")
 
 
-def _copy(graph: Graph) -> Graph:
-    new = Graph()
-    out = new.graph_copy(graph, {}, return_output_node=True)
-    value, old_output = out
-    new.output(value).meta = dict(old_output.meta)
-    return new
-
-
 def _token_input(graph: Graph) -> Node:
     tensors = [n for n in graph.nodes if n.op == "placeholder"
                and isinstance(n.meta.get("val"), torch.Tensor)]
@@ -255,17 +269,6 @@ def _token_input(graph: Graph) -> Node:
         raise DecoderError("the program was captured with a static sequence length: capture "
                            "with dynamic=True to build a decoder")
     return ids
-
-
-def _bhd(node: Node) -> tuple[int, object, int]:
-    shape = node.meta["val"].shape
-    return int(shape[1]), shape[2], int(shape[3])
-
-
-def _past_fake(node: Node) -> torch.Tensor:
-    """A fake past tensor like ``node`` ([B, Hkv, S, D]); only its rank and dtype matter before
-    propagation re-derives every value."""
-    return node.meta["val"]
 
 
 def _shift_positions(graph: Graph, ids: Node, past_len: Node) -> int:
@@ -315,6 +318,7 @@ def _propagate_fake(module: GraphModule) -> None:
 def _example_inputs(module: GraphModule, batch: int = 2, seq: int = 5, past: int = 3
                     ) -> list[torch.Tensor]:
     out = []
+    batch = _static_batch(module) or batch
     for node in module.graph.nodes:
         if node.op != "placeholder":
             continue
@@ -331,6 +335,12 @@ def example_inputs(decoder: Decoder, batch: int = 2, seq: int = 5, past: int = 3
                    ) -> list[torch.Tensor]:
     """Inputs in the decoder's order: token ids [B, S] and zero past tensors [B, Hkv, P, D]."""
     return _example_inputs(decoder.module, batch, seq, past)
+
+
+def _static_batch(module: GraphModule) -> int | None:
+    ids = next(n for n in module.graph.nodes if n.op == "placeholder")
+    size = ids.meta["val"].shape[0]
+    return None if isinstance(size, torch.SymInt) else int(size)
 
 
 def _vocab_size(decoder: Decoder) -> int:

@@ -65,7 +65,9 @@ def export_decoder(decoder, path: str | os.PathLike, target: str = "onnx", *,
     if target not in TARGETS:
         raise ExportError(f"unknown ONNX target {target!r} (allowed: {', '.join(TARGETS)})")
     plans = plan(decoder.module, decoder.sites_by_node, target, decompose)
-    batch, seq, past = Dim("batch"), Dim("sequence"), Dim("past_sequence")
+    # batch stays fixed where the capture pinned it (torch.export specializes a batch of 1)
+    batch = None if decoder.static_batch else Dim("batch")
+    seq, past = Dim("sequence"), Dim("past_sequence")
     shapes = ({0: batch, 1: seq}, *({0: batch, 2: past} for _ in decoder.cache))
     model = _to_onnx(decoder.module, tuple(example_inputs(decoder)), {}, shapes, plans,
                      names=(decoder.input_names, decoder.output_names))

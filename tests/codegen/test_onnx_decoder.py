@@ -102,6 +102,18 @@ def test_variant_decoders(llama, tmp_path, spec, target):
     compare_steps(sess, dec, zoo._ids(1, 12, seed=4), [5, 9])
 
 
+def test_batch_one_capture(tmp_path):
+    """torch.export pins a batch of 1; the decoder and its export keep batch 1 fixed."""
+    prog = rw.capture(zoo.get("llama-sdpa").build(), (zoo._ids(1, 9),), {"use_cache": False})
+    dec = build_decoder(prog)
+    assert dec.static_batch == 1
+    export_decoder(dec, tmp_path / "d.onnx", "ort")
+    sess = rwonnx.session(tmp_path / "d.onnx", threads=1)
+    assert sess.get_inputs()[0].shape == [1, "sequence"]
+    prompt = zoo._ids(1, 4, seed=5)
+    assert torch.equal(rwonnx.generate(sess, prompt, 10), greedy_reference(prog, prompt, 10))
+
+
 def test_manifest_lists_the_cache(llama, tmp_path):
     prog, dec = llama
     path = tmp_path / "d.onnx"
