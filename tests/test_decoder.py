@@ -106,7 +106,8 @@ def test_cache_layout_llama():
 
 @pytest.mark.parametrize("spec", ["sparse:window=3,sink=1", "sparse:window=4",
                                   "sparse:window=4,heads=0;2", "gqa:kv-heads=1,merge=mean",
-                                  "share-kv:group=2", "share-attn:group=2"])
+                                  "share-kv:group=2", "share-attn:group=2",
+                                  "prune-heads:heads=0.0;0.1;1.2;1.3"])
 def test_variant_decoders(spec):
     """Windows shorter than the sequence, so the cache's bottom-right alignment matters."""
     prog = rw.rewrite(capture_lm("llama-sdpa"), spec)
