@@ -124,20 +124,16 @@ def test_variant_decoders(spec):
 
 # --- negative ----------------------------------------------------------------------------------
 
-def test_encoder_is_refused():
-    entry = zoo.get("bert-sdpa")
+@pytest.mark.parametrize("name, message", [
+    ("bert-sdpa", "causal self-attention only"),  # an encoder
+    # captured with its padding-mask input: the decoder takes token ids alone
+    ("llama-sdpa", "mask 'causal-mask\\+padding'|token ids"),
+])
+def test_non_decoders_are_refused(name, message):
+    entry = zoo.get(name)
     args, kwargs = entry.inputs(2, 8)
     prog = rw.capture(entry.build(), args, kwargs)
-    with pytest.raises(DecoderError, match="causal self-attention only"):
-        build_decoder(prog)
-
-
-def test_extra_inputs_are_refused():
-    """A padding mask input would need a [B, P+S] mask; the decoder takes token ids alone."""
-    entry = zoo.get("llama-sdpa")
-    args, kwargs = entry.inputs(2, 8)
-    prog = rw.capture(entry.build(), args, kwargs)
-    with pytest.raises(DecoderError, match="mask 'causal-mask\\+padding'|token ids"):
+    with pytest.raises(DecoderError, match=message):
         build_decoder(prog)
 
 

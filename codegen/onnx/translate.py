@@ -91,10 +91,7 @@ def choose(node, site, target: str, decompose: bool) -> tuple[str, str]:
     attrs = node.kwargs
     hq, hkv = q.shape[1], k.shape[1]
     if target == "onnx":
-        if decompose:
-            return DECOMPOSED, "asked for the decomposition"
-        return STANDARD, "standard ONNX Attention (opset 23)" + (
-            f", GQA {hq}/{hkv} native" if hq != hkv else "")
+        return _standard_choice(decompose, hq, hkv)
     same_len = str(q.shape[2]) == str(k.shape[2])
     causal = attrs.get("is_causal", False) or (
         site is not None and site.mask.startswith("causal") and not site.cross)
@@ -102,12 +99,7 @@ def choose(node, site, target: str, decompose: bool) -> tuple[str, str]:
     if q.shape[-1] != v.shape[-1]:
         return fallback, "D != Dv: the contrib ops take one head size"
     if causal and same_len:
-        spec = MaskSpec.parse(attrs.get("sparsity", ""))
-        how = "local_window_size" if _plain_window(spec) else \
-            "attention_bias" if attrs.get("sparsity") else ""
-        return GQA, f"causal self-attention, {hq}/{hkv} heads" + (
-            f", softcap {attrs['softcap']:g}" if attrs.get("softcap") else "") + (
-            f", sparsity via {how}" if how else "")
+        return GQA, _gqa_reason("causal self-attention", hq, hkv, attrs)
     if hq != hkv:
         return fallback, "GroupQueryAttention is causal-only and MultiHeadAttention has no " \
                          "KV groups"
@@ -122,20 +114,29 @@ def choose_cached(node, site, target: str, decompose: bool) -> tuple[str, str]:
     """A decoder site: causal self-attention of S new tokens over a cache of P."""
     del site
     q, k, v = (a.meta["val"] for a in node.args[:3])
-    attrs = node.kwargs
     hq, hkv = q.shape[1], k.shape[1]
     if target == "onnx":
-        if decompose:
-            return DECOMPOSED, "asked for the decomposition; cache by Concat"
-        return STANDARD, "standard ONNX Attention (opset 23) with past_key/past_value" + (
-            f", GQA {hq}/{hkv} native" if hq != hkv else "")
+        return _standard_choice(decompose, hq, hkv, cached=True)
     if q.shape[-1] != v.shape[-1]:
         return (DECOMPOSED if decompose else STANDARD), \
             "D != Dv: the contrib ops take one head size"
+    return GQA, _gqa_reason("causal self-attention over the KV cache", hq, hkv, node.kwargs)
+
+
+def _standard_choice(decompose: bool, hq: int, hkv: int, cached: bool = False
+                     ) -> tuple[str, str]:
+    if decompose:
+        return DECOMPOSED, "asked for the decomposition" + ("; cache by Concat" if cached else "")
+    return STANDARD, "standard ONNX Attention (opset 23)" + (
+        " with past_key/past_value" if cached else "") + (
+        f", GQA {hq}/{hkv} native" if hq != hkv else "")
+
+
+def _gqa_reason(what: str, hq: int, hkv: int, attrs: dict) -> str:
     spec = MaskSpec.parse(attrs.get("sparsity", ""))
     how = "local_window_size" if _plain_window(spec) else \
         "attention_bias" if attrs.get("sparsity") else ""
-    return GQA, f"causal self-attention over the KV cache, {hq}/{hkv} heads" + (
+    return f"{what}, {hq}/{hkv} heads" + (
         f", softcap {attrs['softcap']:g}" if attrs.get("softcap") else "") + (
         f", sparsity via {how}" if how else "")
 
