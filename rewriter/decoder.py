@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_leaves
 from rewriter.errors import RewriterError
 from rewriter.ops import attention as _attention_op  # noqa: F401  (registers the ops)
 from rewriter.patterns.graph import copy_graph
+from rewriter.quality import logits_fn
 
 __all__ = ["CacheEntry", "Decoder", "DecoderError", "build_decoder", "greedy_reference"]
 
@@ -111,11 +112,10 @@ class Decoder:
 
 def greedy_reference(program, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """Greedy decoding without a cache: one full forward of ``program`` per new token."""
-    ids = input_ids
+    ids, logits_of = input_ids, logits_fn(program)
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            args, kwargs = program.call_with_tokens(ids)
-            logits = _logits(program.module(*args, **kwargs))
+            logits = logits_of(ids)
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return ids
 
@@ -155,25 +155,24 @@ def _add_cache_inputs(graph: Graph, ids: Node, canonical: list[Node], sites: dic
                       ) -> tuple[dict[Node, tuple[Node, CacheEntry]], Node]:
     """A past_<kind>_<n> placeholder per distinct K/V node, in first-use order; returns
     {K/V node: (placeholder, entry)} and a node holding P (the past length)."""
-    pasts: dict[Node, tuple[Node, CacheEntry]] = {}
-    readers: dict[Node, list[int]] = {}
-    counts = {"key": 0, "value": 0}
-    last = ids
+    readers: dict[tuple[str, Node], list[int]] = {}  # first-use order (dicts keep it)
     for node in canonical:
         site = sites.get(node.name)
         for kind, source in (("key", node.args[1]), ("value", node.args[2])):
-            readers.setdefault(source, []).append(-1 if site is None else site.index)
-            if source in pasts:
-                continue
-            shape = source.meta["val"].shape  # [B, Hkv, S, D]
-            entry = CacheEntry(kind, counts[kind], int(shape[1]), int(shape[3]), ())
-            counts[kind] += 1
-            with graph.inserting_after(last):
-                last = graph.placeholder(entry.input_name)
-            last.meta["val"] = source.meta["val"]  # rank and dtype; re-derived at the end
-            pasts[source] = (last, entry)
-    pasts = {src: (ph, CacheEntry(e.kind, e.index, e.heads, e.head_dim, tuple(readers[src])))
-             for src, (ph, e) in pasts.items()}
+            readers.setdefault((kind, source), []).append(-1 if site is None else site.index)
+    pasts: dict[Node, tuple[Node, CacheEntry]] = {}
+    counts = {"key": 0, "value": 0}
+    last = ids
+    for (kind, source), read_by in readers.items():
+        if source in pasts:  # one tensor read as both key and value
+            continue
+        shape = source.meta["val"].shape  # [B, Hkv, S, D]
+        entry = CacheEntry(kind, counts[kind], int(shape[1]), int(shape[3]), tuple(read_by))
+        counts[kind] += 1
+        with graph.inserting_after(last):
+            last = graph.placeholder(entry.input_name)
+        last.meta["val"] = source.meta["val"]  # rank and dtype; re-derived at the end
+        pasts[source] = (last, entry)
     first_past = next(iter(pasts.values()))[0]
     with graph.inserting_after(last):
         past_len = graph.call_function(aten.sym_size.int, (first_past, 2))
@@ -229,8 +228,7 @@ def check_decoder(decoder: Decoder, prompt_len: int = 7, batch: int = 2,
     vocab = _vocab_size(decoder)
     ids = torch.randint(0, vocab, (batch, prompt_len + 1), generator=gen)
     with torch.no_grad():
-        args, kwargs = program.call_with_tokens(ids)
-        want = _logits(program.module(*args, **kwargs))
+        want = logits_fn(program)(ids)
     first, past = decoder.step(ids[:, :-1], decoder.empty_cache(batch))
     last, _ = decoder.step(ids[:, -1:], past)
     got = torch.cat([first, last], dim=1)
@@ -350,11 +348,3 @@ def _vocab_size(decoder: Decoder) -> int:
 
 def _param_dtype(module: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-
-
-def _logits(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    return next(x for x in tree_leaves(out) if isinstance(x, torch.Tensor))

@@ -49,6 +49,18 @@ def _label(node: torch.fx.Node) -> str:
     return f"{node.name}\n{_target_name(node)}{shape}"
 
 
+def _reachable(starts, neighbours) -> set[str]:
+    """Names of the nodes reachable from ``starts`` (inclusive) along ``neighbours``."""
+    seen: set[str] = set()
+    stack = list(starts)
+    while stack:
+        n = stack.pop()
+        if n.name not in seen:
+            seen.add(n.name)
+            stack.extend(neighbours(n))
+    return seen
+
+
 def subgraph(graph: torch.fx.Graph, sources: list[str], sink: str, title: str,
              keep_inputs: bool = True) -> SiteGraph:
     """Nodes reachable from any of ``sources`` that reach ``sink`` (inclusive), plus their
@@ -58,22 +70,8 @@ def subgraph(graph: torch.fx.Graph, sources: list[str], sink: str, title: str,
     if sink not in by_name or not starts:
         missing = [s for s in [*sources, sink] if s not in by_name]
         raise KeyError(f"nodes {missing} are not in the graph")
-    down: set[str] = set()
-    stack = list(starts)
-    while stack:
-        n = stack.pop()
-        if n.name in down:
-            continue
-        down.add(n.name)
-        stack.extend(n.users)
-    up: set[str] = set()
-    stack = [by_name[sink]]
-    while stack:
-        n = stack.pop()
-        if n.name in up:
-            continue
-        up.add(n.name)
-        stack.extend(n.all_input_nodes)
+    down = _reachable(starts, lambda n: n.users)
+    up = _reachable([by_name[sink]], lambda n: n.all_input_nodes)
     keep = down & up
     if keep_inputs:
         extra = {i.name for name in keep for i in by_name[name].all_input_nodes

@@ -25,6 +25,8 @@ def logits_fn(program) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(ids: torch.Tensor) -> torch.Tensor:
         args, kwargs = program.call_with_tokens(ids)
         out = program.module(*args, **kwargs)
+        if isinstance(out, torch.Tensor):  # a module returning the logits themselves
+            return out
         return out.logits if hasattr(out, "logits") else out[0]
 
     return run

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from cli_factories import SoftmaxMLP
 from typer.testing import CliRunner
 
 import rewriter.cli.app as cli
@@ -87,17 +87,6 @@ def test_text_file_named_gguf(runner, tmp_path):
     fake.write_text("this is not a GGUF file\n")
     result = runner.invoke(app, ["inspect", str(fake)])
     assert_one_line_error(result, ModelLoadError.exit_code, "GGUF")
-
-
-class SoftmaxMLP(nn.Module):
-    """A classifier head: a softmax that is not attention."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).softmax(-1)
 
 
 @pytest.fixture

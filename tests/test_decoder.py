@@ -13,6 +13,7 @@ import torch
 import rewriter as rw
 from rewriter.decoder import DecoderError, build_decoder, greedy_reference
 from rewriter.ops import cached_attention, reference_attention
+from rewriter.quality import logits_fn
 
 zoo = pytest.importorskip("zoo")
 
@@ -29,8 +30,7 @@ def capture_lm(name: str, seq: int = 9, **kwargs) -> rw.Program:
 
 def full_logits(program: rw.Program, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        args, kwargs = program.call_with_tokens(ids)
-        return program.module(*args, **kwargs).logits
+        return logits_fn(program)(ids)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

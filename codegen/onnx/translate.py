@@ -233,21 +233,32 @@ def _unpack(y, heads: int):
 
 def group_query(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap):
     """com.microsoft.GroupQueryAttention on a causal self-attention (Sq == Sk, no past): its
-    causal mask equals the site's; the model's mask and sparsity other than a plain window go
-    in attention_bias (NaN rows, all keys masked, become zeros after)."""
+    causal mask equals the site's."""
     del is_causal  # GroupQueryAttention is always causal; plan() checked the site is
+    y, _, _ = _group_query(q, k, v, None, None, dim(k, 2), attn_mask, scale=scale, spec=spec,
+                           softcap=softcap)
+    return y
+
+
+def _group_query(q, k, v, past_key, past_value, total, attn_mask, *, scale, spec: MaskSpec,
+                 softcap):
+    """GroupQueryAttention over ``total`` (scalar int64) keys, past included: causal
+    bottom-right, seqlens_k = total - 1 for every row (no padding). The model's mask and
+    sparsity other than a plain window go in attention_bias (NaN rows, all keys masked, become
+    zeros after). Returns (y [B, Hq, S, Dv], present_key, present_value)."""
     hq, hkv = q.shape[1], k.shape[1]
     window = spec.window if _plain_window(spec) else -1
-    keep = None if spec.is_dense or window > 0 else sparsity_keep(spec, q, k)
+    keep = None if spec.is_dense or window > 0 else sparsity_keep(spec, q, k, total)
     add = None if attn_mask is None and keep is None else bias(attn_mask, keep, q)
-    total = op.Cast(dim(k, 2), to=ir.DataType.INT32)
-    seqlens = op.Expand(op.Sub(total, op.Constant(value=ir.tensor(np.int32(1)))),
+    total32 = op.Cast(total, to=ir.DataType.INT32)
+    seqlens = op.Expand(op.Sub(total32, op.Constant(value=ir.tensor(np.int32(1)))),
                         op.Shape(q, start=0, end=1))
-    y, _, _ = contrib.GroupQueryAttention(
-        _pack(q), _pack(k), _pack(v), None, None, seqlens, total, None, None, None, add,
-        num_heads=hq, kv_num_heads=hkv, scale=scale, softcap=softcap, local_window_size=window)
+    y, present_key, present_value = contrib.GroupQueryAttention(
+        _pack(q), _pack(k), _pack(v), past_key, past_value, seqlens, total32, None, None, None,
+        add, num_heads=hq, kv_num_heads=hkv, scale=scale, softcap=softcap,
+        local_window_size=window)
     y = _unpack(y, hq)
-    return y if add is None else zero_nan(y)
+    return (y if add is None else zero_nan(y)), present_key, present_value
 
 
 def multi_head(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap):
@@ -272,13 +283,21 @@ def _total_length(k, past_key):
     return op.Add(dim(past_key, 2), dim(k, 2))
 
 
+def _cache_keep(spec: MaskSpec, q, k, total):
+    """[1, Hs, S, P+S] bool: causal bottom-right over ``total`` keys, and the sparsity."""
+    keep = causal_keep_bottom_right(q, k, total)
+    return keep if spec.is_dense else op.And(keep, sparsity_keep(spec, q, k, total))
+
+
+def _concat_cache(k, v, past_key, past_value):
+    """(present_key, present_value) = cat(past, new) on the sequence axis."""
+    return op.Concat(past_key, k, axis=2), op.Concat(past_value, v, axis=2)
+
+
 def standard_cached(q, k, v, past_key, past_value, *, scale, spec: MaskSpec, softcap):
     """ONNX Attention (opset 23) with its own past_key/past_value inputs (it concatenates and
     returns present_key/present_value); causal bottom-right, as an explicit bool mask."""
-    total = _total_length(k, past_key)
-    keep = causal_keep_bottom_right(q, k, total)
-    if not spec.is_dense:
-        keep = op.And(keep, sparsity_keep(spec, q, k, total))
+    keep = _cache_keep(spec, q, k, _total_length(k, past_key))
     y, present_key, present_value, _ = op.Attention(
         q, k, v, keep, past_key, past_value, scale=scale, is_causal=0, softcap=softcap)
     return y, present_key, present_value
@@ -288,12 +307,8 @@ def standard_concat(q, k, v, past_key, past_value, *, scale, spec: MaskSpec, sof
     """ONNX Attention over Concat(past, new): for a site re-reading a cache entry an earlier
     site returns as present (share-kv), as ORT's Attention insists on writing a present
     output whenever it is given a past."""
-    present_key = op.Concat(past_key, k, axis=2)
-    present_value = op.Concat(past_value, v, axis=2)
-    total = _total_length(k, past_key)
-    keep = causal_keep_bottom_right(q, k, total)
-    if not spec.is_dense:
-        keep = op.And(keep, sparsity_keep(spec, q, k, total))
+    present_key, present_value = _concat_cache(k, v, past_key, past_value)
+    keep = _cache_keep(spec, q, k, _total_length(k, past_key))
     y, *_ = op.Attention(q, present_key, present_value, keep, scale=scale, is_causal=0,
                          softcap=softcap)
     return y, present_key, present_value
@@ -301,8 +316,7 @@ def standard_concat(q, k, v, past_key, past_value, *, scale, spec: MaskSpec, sof
 
 def decomposed_cached(q, k, v, past_key, past_value, *, scale, spec: MaskSpec, softcap):
     """Concat the cache, then the decomposition with a bottom-right causal mask."""
-    present_key = op.Concat(past_key, k, axis=2)
-    present_value = op.Concat(past_value, v, axis=2)
+    present_key, present_value = _concat_cache(k, v, past_key, past_value)
     keep = causal_keep_bottom_right(q, k, _total_length(k, past_key))
     y = decomposed(q, present_key, present_value, None, scale=scale, is_causal=False,
                    spec=spec, softcap=softcap, keep=keep, kv_heads=k.shape[1])
@@ -310,19 +324,6 @@ def decomposed_cached(q, k, v, past_key, past_value, *, scale, spec: MaskSpec, s
 
 
 def group_query_cached(q, k, v, past_key, past_value, *, scale, spec: MaskSpec, softcap):
-    """com.microsoft.GroupQueryAttention with past_key/past_value (BNSH): causal bottom-right
-    over P + S keys, seqlens_k = P + S - 1 for every row (no padding in the cache)."""
-    hq, hkv = q.shape[1], k.shape[1]
-    total64 = _total_length(k, past_key)
-    total = op.Cast(total64, to=ir.DataType.INT32)
-    seqlens = op.Expand(op.Sub(total, op.Constant(value=ir.tensor(np.int32(1)))),
-                        op.Shape(q, start=0, end=1))
-    window = spec.window if _plain_window(spec) else -1
-    keep = None if spec.is_dense or window > 0 else sparsity_keep(spec, q, k, total64)
-    add = None if keep is None else bias(None, keep, q)
-    y, present_key, present_value = contrib.GroupQueryAttention(
-        _pack(q), _pack(k), _pack(v), past_key, past_value, seqlens, total, None, None, None,
-        add, num_heads=hq, kv_num_heads=hkv, scale=scale, softcap=softcap,
-        local_window_size=window)
-    y = _unpack(y, hq)
-    return (y if add is None else zero_nan(y)), present_key, present_value
+    """com.microsoft.GroupQueryAttention with past_key/past_value (BNSH) over P + S keys."""
+    return _group_query(q, k, v, past_key, past_value, _total_length(k, past_key), None,
+                        scale=scale, spec=spec, softcap=softcap)
