@@ -341,7 +341,7 @@ def inspect(
             print_site(prog, site, as_json)
             return
         with rep.step("verifying"):
-            report = prog.verify() if prog._original is not None else None
+            report = prog.verify(float64=True) if prog._original is not None else None
         print_sites(model, seq_len, prog, report, explain, as_json)
         if not prog.sites:
             raise NoAttentionError(f"no attention found in {model} "
@@ -556,23 +556,6 @@ def program_facts(prog: Program) -> dict:
             "attention_density_at_1024": acc["attention_density"]}
 
 
-def is_language_model(prog: Program) -> bool:
-    """Whether the program returns next-token logits (so perplexity means something)."""
-    import torch
-
-    if prog.tokenizer is None:
-        return False
-    ids = torch.tensor(prog.tokenizer("The quick brown fox", add_special_tokens=False)
-                       .input_ids[:8])[None]
-    try:
-        args, kwargs = prog.call_with_tokens(ids)
-        with torch.no_grad():
-            out = prog.module(*args, **kwargs)
-    except Exception:
-        return False
-    return hasattr(out, "logits")
-
-
 def measure_quality(before: Program, after: Program, ctx: int, windows: int,
                     text: str | None = None) -> dict:
     """Perplexity of both programs on the same held-out windows."""
@@ -650,6 +633,7 @@ def convert(
     everything succeeds."""
     import rewriter as rw
     from rewriter.checkpoint import check_output_dir
+    from rewriter.quality import is_language_model
     from rewriter.specs import parse_spec
 
     err = stderr_console()
@@ -673,7 +657,7 @@ def convert(
         if verify:
             with rep.step("verifying"):
                 report = after.verify(before)
-            if is_language_model(before):
+            if before.tokenizer is not None and is_language_model(before):
                 with rep.step(f"perplexity before and after ({windows} x {ctx} tokens)"):
                     after.manifest["quality"] = measure_quality(before, after, ctx, windows)
         after.manifest["timings"] = dict(rep.timings)
@@ -784,7 +768,7 @@ def eval_(
         body = _read_text(text, "--text")
         prog = open_model(model, seq_len, rep, trust_pickle=trust_pickle)
         tokenizer = need_tokenizer(prog, "eval")
-        if not is_language_model(prog):
+        if not quality.is_language_model(prog):
             raise RewriterError(f"{model} is not a language model (it returns no logits): "
                                 "perplexity does not apply")
         try:

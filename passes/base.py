@@ -6,13 +6,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch.fx import GraphModule, Node
 
 import rewriter.ops  # noqa: F401  (registers torch.ops.rewriter.attention)
-from rewriter.patterns.graph import copy_graph, fetch_attr
+from rewriter.patterns.graph import copy_graph, graph_module_over, tensor_aliases
 
 if TYPE_CHECKING:
     from rewriter.program import Program
@@ -62,16 +62,7 @@ def clone_program(program: Program) -> Program:
     replaces them (passes never edit a tensor in place)."""
     from rewriter.program import Program
 
-    gm = program.module
-    graph = copy_graph(gm)
-    root: dict[str, Any] = {}
-    for node in graph.nodes:
-        if node.op in ("get_attr", "call_module"):
-            root[node.target] = fetch_attr(gm, node.target)
-    new = GraphModule(root, graph, class_name=type(gm).__name__)
-    for attr in ("_in_spec", "_out_spec", "range_constraints"):
-        if hasattr(gm, attr):
-            setattr(new, attr, getattr(gm, attr))
+    new = graph_module_over(program.module, copy_graph(program.module))
     clone = Program(module=new, original=program._original,
                     sites=[copy.deepcopy(s) for s in program.sites],
                     rejected=list(program.rejected), example_args=program.example_args,
@@ -103,17 +94,19 @@ def lint(program: Program) -> None:
 
 
 def remove_unused_attributes(gm: GraphModule) -> int:
-    """Delete parameters/buffers no get_attr reads any more (e.g. a removed k_proj). Returns
-    the number of elements freed."""
+    """Delete parameters/buffers no get_attr reads any more (e.g. a removed k_proj); a tied
+    name stays while the tensor is read under another. Returns the number of elements freed."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    tensors = dict((*gm.named_parameters(remove_duplicate=False),
+                    *gm.named_buffers(remove_duplicate=False)))
     freed = 0
-    for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name in used:
+    for names in tensor_aliases(gm).values():
+        if used.intersection(names):
             continue
-        owner, _, attr = name.rpartition(".")
-        module = gm.get_submodule(owner) if owner else gm
-        freed += tensor.numel()
-        delattr(module, attr)
+        freed += tensors[names[0]].numel()
+        for name in names:
+            owner, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, attr)
     return freed
 
 

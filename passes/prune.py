@@ -1,6 +1,7 @@
 """``prune-heads``: remove query heads, slicing weights (not zeroing them).
 
-    prune-heads:ratio=R[,score=magnitude|gradient|activation]
+    prune-heads:ratio=R[,score=magnitude|gradient|activation]   (default: gradient for
+                                                                 language models, else activation)
     prune-heads:heads=S.H;S.H...      explicit heads: site S (the # column of `inspect`), head H
 
 Heads are ranked globally. The unit removed is a query head in multi-head attention and a
@@ -26,6 +27,7 @@ from rewriter.passes.base import PassContext, PassResult, clone_program
 from rewriter.passes.canonicalize import cleanup
 from rewriter.passes.heads import rebuild_site, site_heads
 from rewriter.passes.observe import calibrate, default_output, instrumented, observing
+from rewriter.quality import is_language_model
 from rewriter.specs import Key, Spec, choice, register
 
 
@@ -48,8 +50,10 @@ def _head_list(text: str) -> tuple[tuple[int, int], ...]:
 
 register("prune-heads", {
     "ratio": Key(_ratio, "a fraction in (0, 1)"),
+    # default (None): gradient for language models, activation for other models
     "score": Key(choice("magnitude", "gradient", "activation"),
-                 "magnitude, gradient or activation", default="gradient"),
+                 "magnitude, gradient or activation; by default gradient for language models, "
+                 "activation for others"),
     "heads": Key(_head_list, "site.head pairs like 0.3;5.1"),
 })
 
@@ -66,10 +70,12 @@ class PrunePass:
     def run(self, program, ctx: PassContext) -> PassResult:
         program = clone_program(program)
         by_index = {s.index: s for s in program.sites}
+        score = None
         if self.spec.params["heads"] is not None:
             remove = self._explicit(by_index)
         else:
-            remove = self._ranked(program, ctx)
+            score = self.spec.params["score"] or default_score(program)
+            remove = self._ranked(program, ctx, score)
         total_before = sum(s.num_heads for s in program.sites)
         for index, heads in sorted(remove.items()):
             site = by_index[index]
@@ -84,7 +90,7 @@ class PrunePass:
         return PassResult(program, bool(removed), {
             "heads_removed": sum(len(h) for h in removed.values()),
             "heads_before": total_before, "removed": removed,
-            "score": None if self.spec.params["heads"] else self.spec.params["score"]})
+            "score": score})
 
     def _explicit(self, sites: dict) -> dict[int, set[int]]:
         remove: dict[int, set[int]] = {}
@@ -106,8 +112,8 @@ class PrunePass:
                 raise SpecError(f"spec {self.spec}: site {index} would have no heads left")
         return remove
 
-    def _ranked(self, program, ctx: PassContext) -> dict[int, set[int]]:
-        scores = SCORES[self.spec.params["score"]](program, ctx)
+    def _ranked(self, program, ctx: PassContext, score: str) -> dict[int, set[int]]:
+        scores = SCORES[score](program, ctx)
         units = []  # (score, site, query heads of the unit)
         for site in program.sites:
             g = site.kv_group
@@ -133,6 +139,12 @@ class PrunePass:
 
 
 # --- scores: site index -> [H] importance ---------------------------------------------------
+
+
+def default_score(program) -> str:
+    """The best score that applies: the language-model loss's gradient needs next-token
+    logits; any other model is ranked by its heads' activations."""
+    return "gradient" if is_language_model(program) else "activation"
 
 
 def magnitude_scores(program, ctx: PassContext) -> dict[int, torch.Tensor]:

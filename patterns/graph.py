@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -176,6 +177,54 @@ def graph_module_from(gm: GraphModule, graph: Graph) -> GraphModule:
         if hasattr(gm, attr):
             setattr(new, attr, getattr(gm, attr))
     return new
+
+
+def tensor_aliases(gm: torch.nn.Module) -> dict[int, list[str]]:
+    """Every name of each parameter/buffer, grouped by tensor identity (tied weights, such as
+    an LM head sharing the input embedding, have several)."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in (*gm.named_parameters(remove_duplicate=False),
+                         *gm.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(tensor), []).append(name)
+    return names
+
+
+def graph_module_over(gm: GraphModule, graph: Graph,
+                      convert: Callable[[Any], Any] | None = None) -> GraphModule:
+    """A GraphModule running ``graph`` over the attributes of ``gm`` it reads, and nothing
+    else (tensors shared, or mapped through ``convert``). A tied tensor keeps all its names,
+    read or not, so a checkpoint written from the result still has every tied weight."""
+    aliases = tensor_aliases(gm)
+    root: dict[str, Any] = {}
+    extra: dict[str, Any] = {}  # tied names the graph does not read
+    for node in graph.nodes:
+        if node.op not in ("get_attr", "call_module") or node.target in root:
+            continue
+        obj = fetch_attr(gm, node.target)
+        root[node.target] = new = convert(obj) if convert is not None else obj
+        if node.op == "get_attr":
+            extra.update({name: new for name in aliases.get(id(obj), ()) if name != node.target})
+    module = GraphModule(root, graph, class_name=type(gm).__name__)
+    for name, tensor in extra.items():
+        if name not in root:
+            set_attr(module, name, tensor)
+    for attr in ("_in_spec", "_out_spec", "range_constraints"):
+        if hasattr(gm, attr):
+            setattr(module, attr, getattr(gm, attr))
+    return module
+
+
+def set_attr(module: torch.nn.Module, target: str, value: Any) -> None:
+    """``module.<target> = value``, creating empty submodules on the way."""
+    *path, name = target.split(".")
+    for part in path:
+        if not hasattr(module, part):
+            module.add_module(part, torch.nn.Module())
+        module = getattr(module, part)
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        module.register_buffer(name, value)  # as GraphModule does with a dict root
+    else:
+        setattr(module, name, value)
 
 
 def copy_graph_module(gm: GraphModule) -> GraphModule:

@@ -19,6 +19,7 @@ import rewriter.ops  # noqa: F401  (the op must be registered to save or load th
 from rewriter.errors import ModelLoadError, RewriterError, first_line
 from rewriter.frontend import dynamic_shapes_for, strip_runtime_asserts
 from rewriter.models import _quiet_tqdm
+from rewriter.patterns.graph import fetch_attr, set_attr, tensor_aliases
 
 FORMAT_VERSION = 1
 # transformers model types whose attention config is (heads, kv heads, head_dim) and whose
@@ -70,6 +71,8 @@ def manifest_of(program, verification=None) -> dict:
         "kv_cache_bytes_per_token": acc["kv_cache_bytes_per_token"],
         "attention_density_at_1024": acc["attention_density"],
         "sites": [s.to_dict(full=True) for s in program.sites],
+        # every name of each tied tensor: torch.export stores it once, loads it as copies
+        "tied": [names for names in tensor_aliases(program.module).values() if len(names) > 1],
         "verification": None if verification is None else verification.to_dict(),
         "torch": torch.__version__,
         **{k: v for k, v in program.manifest.items()
@@ -92,9 +95,13 @@ def save_program(program, path, *, force: bool = False, verification=None) -> di
         manifest["inputs"] = save_inputs(program.example_args, program.example_kwargs,
                                          tmp / "inputs.safetensors")
         fits, reason = hf_expressible(program)
-        manifest["hf"] = {"written": fits, "reason": reason}
         if fits:
-            write_hf(program, tmp / "hf")
+            try:
+                write_hf(program, tmp / "hf")
+            except RewriterError as exc:  # program.pt2 stands without it
+                shutil.rmtree(tmp / "hf", ignore_errors=True)
+                fits, reason = False, first_line(exc)
+        manifest["hf"] = {"written": fits, "reason": reason}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
     atomic_directory(path, force, fill)
@@ -131,8 +138,8 @@ def write_hf(program, directory: Path) -> None:
     config = program.hf_config.__class__.from_dict(program.hf_config.to_dict())
     config.num_key_value_heads = program.sites[0].num_kv_heads
     model = transformers.AutoModelForCausalLM.from_config(config)
-    state = {n: p.detach() for n, p in program.module.named_parameters()}
-    state.update({n: b for n, b in program.module.named_buffers()})
+    state = program.module.state_dict()  # every name of a tied weight (named_parameters
+    # would list it once)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if "rotary_emb" not in m and not
                (m == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
@@ -171,6 +178,7 @@ def load_program(path):
             from exc
     module = ep.module()
     strip_runtime_asserts(module)
+    retie(module, manifest.get("tied", []), path)
     sites = [AttentionSite.from_dict(d) for d in manifest["sites"]]
     canonical = [n for n in module.graph.nodes if n.op == "call_function"
                  and n.target is torch.ops.rewriter.attention.default]
@@ -183,6 +191,16 @@ def load_program(path):
     return Program(module=module, original=None, sites=sites, example_args=args,
                    example_kwargs=kwargs,
                    manifest={k: v for k, v in manifest.items() if k != "sites"})
+
+
+def retie(module: torch.nn.Module, groups: list[list[str]], path: Path) -> None:
+    """Make each group of names one tensor again (the first's), as it was when saved."""
+    for names in groups:
+        first = fetch_attr(module, names[0])
+        for name in names[1:]:
+            if not torch.equal(fetch_attr(module, name), first):
+                raise ModelLoadError(f"{path}: tied weights {names[0]} and {name} differ")
+            set_attr(module, name, first)
 
 
 def save_inputs(args: tuple, kwargs: dict, tensors_path: Path) -> dict:

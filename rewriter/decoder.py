@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_leaves
 from rewriter.errors import RewriterError
 from rewriter.ops import attention as _attention_op  # noqa: F401  (registers the ops)
 from rewriter.patterns.graph import copy_graph
+from rewriter.precision import EXACT_TOLERANCE, float64_module
 from rewriter.quality import logits_fn
 
 __all__ = ["CacheEntry", "Decoder", "DecoderError", "build_decoder", "greedy_reference"]
@@ -73,7 +74,7 @@ class Decoder:
     cache: list[CacheEntry]
     program: object = field(repr=False)
     sites_by_node: dict = field(default_factory=dict, repr=False)  # cached node -> site
-    verify_error: float = float("nan")  # max |prefill+step - full| / max |full| at build
+    verify_error: float = float("nan")  # max |prefill+step - full| / max |full|, float64
 
     @property
     def static_batch(self) -> int | None:
@@ -219,24 +220,28 @@ def _set_outputs(graph: Graph, pasts: dict, presents: dict) -> list[CacheEntry]:
 
 
 def check_decoder(decoder: Decoder, prompt_len: int = 7, batch: int = 2,
-                  tolerance: float = 1e-4) -> float:
+                  tolerance: float = EXACT_TOLERANCE) -> float:
     """Prefill ``prompt_len`` tokens, step one more, and compare each logits row with one
-    forward of the program over all of them; raises DecoderError past ``tolerance``."""
+    forward of the program over all of them, both in float64 (rewriter.precision), so fp32
+    rounding cannot pass for a wrong surgery nor fail a right one; raises DecoderError past
+    ``tolerance``. Returns the max relative error."""
     program = decoder.program
     batch = decoder.static_batch or batch
     gen = torch.Generator().manual_seed(0)
-    vocab = _vocab_size(decoder)
-    ids = torch.randint(0, vocab, (batch, prompt_len + 1), generator=gen)
+    ids = torch.randint(0, _vocab_size(decoder), (batch, prompt_len + 1), generator=gen)
+    shared: dict = {}  # one float64 copy of the weights for both modules
+    step = float64_module(decoder.module, shared)
     with torch.no_grad():
-        want = logits_fn(program)(ids)
-    first, past = decoder.step(ids[:, :-1], decoder.empty_cache(batch))
-    last, _ = decoder.step(ids[:, -1:], past)
+        want = logits_fn(program, float64_module(program.module, shared))(ids)
+        first, *past = step(ids[:, :-1], *decoder.empty_cache(batch, torch.float64))
+        last, *_ = step(ids[:, -1:], *past)
     got = torch.cat([first, last], dim=1)
     err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
     if not err <= tolerance:
         raise DecoderError(f"the decoder does not reproduce the program (prefill + step vs one "
-                           f"forward: max relative error {err:.2e} > {tolerance:g}); the model "
-                           "computes positions or masks in a way the cache surgery misses")
+                           f"forward in float64: max relative error {err:.2e} > {tolerance:g}); "
+                           "the model computes positions or masks in a way the cache surgery "
+                           "misses")
     return err
 
 

@@ -46,7 +46,7 @@ def diff_parameters(a: dict, b: dict) -> dict:
 
 
 def parameter_shapes(program) -> dict[str, tuple]:
-    return {n: tuple(p.shape) for n, p in program.module.named_parameters()}
+    return {n: tuple(p.shape) for n, p in program.module.named_parameters(remove_duplicate=False)}
 
 
 def diff_programs(a, b) -> dict:

@@ -52,19 +52,21 @@ def reference_probs(
     sparsity: str = "",
     softcap: float = 0.0,
 ) -> Tensor:
-    """Attention probabilities [B, Hq, Sq, Sk] in fp32 (rows with no key left are zeros)."""
+    """Attention probabilities [B, Hq, Sq, Sk] in fp32, or float64 for float64 inputs (rows
+    with no key left are zeros)."""
     _check_shapes(q, k, k)
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 at least; float64 stays
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             s = s.masked_fill(~attn_mask, float("-inf"))
         else:
-            s = s + attn_mask.float()
+            s = s + attn_mask.to(acc)
     sq, sk = q.shape[-2], k.shape[-2]
     if is_causal:
         causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()

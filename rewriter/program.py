@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_leaves
 import rewriter.ops  # noqa: F401  (registers torch.ops.rewriter.attention)
 from rewriter.errors import CalibrationError
 from rewriter.patterns.core import Rejection
+from rewriter.precision import EXACT_TOLERANCE, float64_module, to_float64
 from rewriter.site import AttentionSite
 
 
@@ -31,6 +32,7 @@ class VerifyReport:
 
     outputs: list[OutputError]
     tolerance: float
+    precision: str = ""  # "float64" when both sides ran in float64
 
     @property
     def max_rel(self) -> float:
@@ -42,17 +44,20 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return {"max_rel": self.max_rel, "tolerance": self.tolerance, "ok": self.ok,
+                "precision": self.precision or "as run",
                 "outputs": [o.__dict__ for o in self.outputs]}
 
     def __str__(self) -> str:
         verdict = "ok" if self.ok else "MISMATCH"
         worst = max(self.outputs, key=lambda o: o.rel, default=None)
         where = f" (worst: {worst.name} {list(worst.shape)})" if worst else ""
-        return f"{verdict}: max relative error {self.max_rel:.2e} <= {self.tolerance:.0e}" \
-            if self.ok else f"{verdict}: max relative error {self.max_rel:.2e}{where}"
+        run = f" ({self.precision})" if self.precision else ""
+        return f"{verdict}: max relative error {self.max_rel:.2e} <= {self.tolerance:.0e}{run}" \
+            if self.ok else f"{verdict}: max relative error {self.max_rel:.2e}{where}{run}"
 
 
-def compare_outputs(got: Any, want: Any, tolerance: float = 1e-5) -> VerifyReport:
+def compare_outputs(got: Any, want: Any, tolerance: float = 1e-5, precision: str = ""
+                    ) -> VerifyReport:
     got_leaves = [t for t in tree_leaves(got) if isinstance(t, torch.Tensor)]
     want_leaves = [t for t in tree_leaves(want) if isinstance(t, torch.Tensor)]
     if len(got_leaves) != len(want_leaves):
@@ -71,7 +76,7 @@ def compare_outputs(got: Any, want: Any, tolerance: float = 1e-5) -> VerifyRepor
         scale = float(b64.abs().max()) if b.numel() else 0.0
         rel = max_abs / scale if scale > 0 else max_abs
         errors.append(OutputError(f"output{i}", tuple(a.shape), max_abs, rel))
-    return VerifyReport(errors, tolerance)
+    return VerifyReport(errors, tolerance, precision)
 
 
 class Program:
@@ -141,9 +146,14 @@ class Program:
         return sum(p.numel() for p in self.module.parameters())
 
     def verify(self, original: Any = None, args: tuple | None = None,
-               kwargs: dict | None = None, tolerance: float = 1e-5) -> VerifyReport:
+               kwargs: dict | None = None, tolerance: float | None = None, *,
+               float64: bool = False) -> VerifyReport:
         """Run this program and ``original`` (a Program, an nn.Module, or by default the graph
-        captured before canonicalization) on the same inputs and compare every output."""
+        captured before canonicalization) on the same inputs and compare every output.
+
+        ``float64``: both sides run in float64 (rewriter.precision), where rounding is ~1e-15
+        whatever the CPU, so a mismatch means the graphs compute different things; the default
+        tolerance is then ``EXACT_TOLERANCE`` instead of 1e-5."""
         args = self.example_args if args is None else args
         kwargs = self.example_kwargs if kwargs is None and args is self.example_args \
             else (kwargs or {})
@@ -152,10 +162,18 @@ class Program:
         reference = self.original if original is None else original
         if isinstance(reference, Program):
             reference = reference.module
+        module = self.module
+        if float64:
+            shared: dict = {}  # tensors both sides read are converted once
+            module = float64_module(module, shared)
+            reference = float64_module(reference, shared)
+            args, kwargs = to_float64((args, kwargs))
+        if tolerance is None:
+            tolerance = EXACT_TOLERANCE if float64 else 1e-5
         with torch.no_grad():
-            got = self.module(*args, **kwargs)
+            got = module(*args, **kwargs)
             want = reference(*args, **kwargs)
-        return compare_outputs(got, want, tolerance)
+        return compare_outputs(got, want, tolerance, "float64" if float64 else "")
 
     def compile(self, backend: str = "triton") -> Program:
         """A new Program whose canonical nodes run on ``backend`` ("triton": generated kernels,

@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from rewriter.models import token_windows
 
@@ -20,16 +21,37 @@ def eval_windows(tokenizer, ctx: int, count: int, text: str | None = None) -> to
     return token_windows(tokenizer, ctx, count, text=text, offset=0 if text else EVAL_OFFSET)
 
 
-def logits_fn(program) -> Callable[[torch.Tensor], torch.Tensor]:
-    """ids [B, S] -> logits [B, S, V] through a Program (or anything with call_with_tokens)."""
+def logits_fn(program, module: torch.nn.Module | None = None
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ids [B, S] -> logits [B, S, V] through a Program (or anything with call_with_tokens),
+    run by its own module or by ``module`` (the same graph in another precision)."""
+    module = program.module if module is None else module
+
     def run(ids: torch.Tensor) -> torch.Tensor:
         args, kwargs = program.call_with_tokens(ids)
-        out = program.module(*args, **kwargs)
+        out = module(*args, **kwargs)
         if isinstance(out, torch.Tensor):  # a module returning the logits themselves
             return out
         return out.logits if hasattr(out, "logits") else out[0]
 
     return run
+
+
+def is_language_model(program) -> bool:
+    """Whether the program takes token ids and returns next-token logits (an output with a
+    ``logits`` field), tried on the first tokens of its example inputs."""
+    ids = next((t for t in tree_leaves((program.example_args, program.example_kwargs))
+                if isinstance(t, torch.Tensor) and not t.is_floating_point()
+                and t.dim() == 2), None)
+    if ids is None:
+        return False
+    try:
+        args, kwargs = program.call_with_tokens(ids[:, :8])
+        with torch.no_grad():
+            out = program.module(*args, **kwargs)
+    except Exception:  # inputs it cannot be called with: not a plain token-ids model
+        return False
+    return hasattr(out, "logits")
 
 
 def perplexity(fn: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor,
@@ -57,8 +79,6 @@ def calibration_loss(program, reference, batches) -> float:
     """How far ``program`` is from ``reference`` on calibration batches: the mean KL divergence
     of next-token distributions for language models, else the relative squared error of the
     outputs. The objective variants are compared on (lower is better)."""
-    from torch.utils._pytree import tree_leaves
-
     total, count = 0.0, 0
     with torch.no_grad():
         for args, kwargs in batches:

@@ -97,3 +97,77 @@ def test_loading_something_else_is_a_clear_error(tmp_path):
     (tmp_path / "junk" / "manifest.json").write_text("{}")
     with pytest.raises(rw.ModelLoadError, match="cannot read"):
         rw.load(tmp_path / "junk")
+
+
+# --- tied weights (an LM head sharing the input embedding, as SmolLM2 does) -----------------
+
+
+@pytest.fixture(scope="module")
+def tied():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=zoo.VOCAB, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return rw.capture(model, (zoo._ids(2, 7),), {"use_cache": False})
+
+
+def _is_tied(module: torch.nn.Module) -> bool:
+    state = module.state_dict(keep_vars=True)
+    return state["lm_head.weight"] is state["model.embed_tokens.weight"]
+
+
+def test_tied_weights_survive_rewrite_save_load_and_hf(tmp_path, tied):
+    new = rw.rewrite(tied, "gqa:kv-heads=1,merge=mean")
+    assert _is_tied(new.module)
+    manifest = new.save(tmp_path / "out")
+    assert manifest["hf"] == {"written": True, "reason": "num_key_value_heads=1"}
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf")
+    assert hf.config.tie_word_embeddings and hf.lm_head.weight is hf.model.embed_tokens.weight
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "hf" / "model.safetensors"), "pt") as f:
+        stored = [k for k in f.keys() if k in ("lm_head.weight", "model.embed_tokens.weight")]
+    assert len(stored) == 1  # the tied weight is stored once
+    ids = zoo._ids(3, 12, seed=4)
+    want = new(ids, use_cache=False).logits
+    torch.testing.assert_close(hf(ids).logits, want, rtol=1e-5, atol=1e-5)
+    loaded = rw.load(tmp_path / "out")
+    assert _is_tied(loaded.module)
+    assert loaded.parameter_count() == new.parameter_count()
+    torch.testing.assert_close(loaded(ids, use_cache=False).logits, want, rtol=0, atol=0)
+
+
+def test_tied_weights_in_onnx_and_decoders(tmp_path, tied):
+    import onnx
+
+    new = rw.rewrite(tied, "gqa:kv-heads=1,merge=mean")
+    new.export_onnx(tmp_path / "m.onnx", "ort")
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    embeddings = [i.name for i in model.graph.initializer if list(i.dims) == [zoo.VOCAB, 32]]
+    assert len(embeddings) == 1, embeddings  # one initializer for both uses
+    dec = new.decoder()
+    prompt = zoo._ids(1, 4, seed=2)
+    from rewriter.decoder import greedy_reference
+
+    assert torch.equal(dec.generate(prompt, 6), greedy_reference(new, prompt, 6))
+
+
+def test_hf_that_cannot_be_written_does_not_sink_the_save(tmp_path, llama, monkeypatch):
+    """program.pt2 is the result; an hf/ the writer refuses is reported, not fatal."""
+    import rewriter.checkpoint as ckpt
+
+    def refuse(program, directory):
+        directory.mkdir()
+        (directory / "partial").write_text("x")
+        raise rw.RewriterError("cannot write hf/: no room for it")
+
+    monkeypatch.setattr(ckpt, "write_hf", refuse)
+    _, _, prog = llama
+    manifest = rw.rewrite(prog, "gqa:kv-heads=1,merge=mean").save(tmp_path / "out")
+    assert manifest["hf"] == {"written": False, "reason": "cannot write hf/: no room for it"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        ["inputs.safetensors", "manifest.json", "program.pt2"]

@@ -253,6 +253,18 @@ def test_export_decoder_from_saved_dir(runner, converted, tmp_path):
     assert torch.equal(rwonnx.generate(rwonnx.session(out), prompt, 8), want)
 
 
+@pytest.mark.slow
+def test_convert_minilm_prune_uses_the_score_that_applies(runner, tmp_path):
+    """No score= on an encoder: activation scores (gradient needs logits), recorded."""
+    out = tmp_path / "pruned"
+    result = runner.invoke(app, ["convert", "minilm-l6", "-v", "prune-heads:ratio=0.25",
+                                 "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    prune = json.loads(result.stdout)["passes"][-1]
+    assert prune["spec"] == "prune-heads:ratio=0.25" and prune["score"] == "activation"
+    assert prune["heads_removed"] == 18  # a quarter of 6 x 12 heads
+
+
 def test_export_kv_cache_refused_for_encoder(runner, tmp_path):
     out = tmp_path / "m.onnx"
     result = runner.invoke(app, ["export", "minilm-l6", "--kv-cache", "--out", str(out)])

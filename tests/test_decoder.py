@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import rewriter as rw
+import rewriter.decoder as decoder_mod
 from rewriter.decoder import DecoderError, build_decoder, greedy_reference
 from rewriter.ops import cached_attention, reference_attention
+from rewriter.precision import EXACT_TOLERANCE
 from rewriter.quality import logits_fn
 
 zoo = pytest.importorskip("zoo")
@@ -71,7 +73,7 @@ def test_cached_attention_matches_reference(sparsity):
 def test_decoder_reproduces_program(name):
     prog = capture_lm(name)
     dec = build_decoder(prog)
-    assert dec.verify_error < TOL
+    assert dec.verify_error < EXACT_TOLERANCE  # checked in float64
     ids = zoo._ids(2, 12, seed=3)
     want = full_logits(prog, ids)
     got = chunked_logits(dec, ids, [5, 8, 9, 10, 11])  # a prefill, a chunk, one-token steps
@@ -147,6 +149,36 @@ def test_static_capture_is_refused():
     ("gemma2-eager", "sliding-window layers: the model's own mask is not plain causal"),
     ("opt-sdpa", "positions counted from the attention mask, not an arange"),
 ])
+def _positions_not_shifted(graph, ids, past_len):  # noqa: ARG001  (the surgery's signature)
+    return 1  # claims success, but positions restart at 0 after the prefill
+
+
+def _cache_drops_sparsity(graph, canonical, pasts, sites):
+    for node in canonical:
+        node.kwargs = {**node.kwargs, "sparsity": ""}
+    return ORIGINAL_ATTEND(graph, canonical, pasts, sites)
+
+
+ORIGINAL_ATTEND = decoder_mod._attend_over_cache
+
+
+@pytest.mark.parametrize("spec, broken", [
+    ("", ("_shift_positions", _positions_not_shifted)),
+    ("sparse:window=3,sink=1", ("_attend_over_cache", _cache_drops_sparsity)),
+], ids=["positions", "sparsity"])
+def test_broken_surgery_is_caught(monkeypatch, spec, broken):
+    """A deliberately wrong surgery fails the float64 self-check by orders of magnitude (the
+    message names the error), where fp32 rounding could not hide it or fake it."""
+    prog = capture_lm("llama-sdpa")
+    if spec:
+        prog = rw.rewrite(prog, spec)
+    monkeypatch.setattr(decoder_mod, broken[0], broken[1])
+    with pytest.raises(DecoderError, match="in float64: max relative error") as info:
+        build_decoder(prog)
+    err = float(str(info.value).split("max relative error ")[1].split()[0])
+    assert err > 1e4 * EXACT_TOLERANCE
+
+
 def test_unreproducible_models_are_refused(name, why):  # noqa: ARG001  (why: documentation)
     """The surgery assumes plain causal masks and arange positions; the build-time check
     refuses models where that is false instead of returning a wrong decoder."""

@@ -170,6 +170,19 @@ def test_data_scores_find_the_zeroed_heads(score):
     assert new.verify(model).max_rel <= TOL
 
 
+@pytest.mark.parametrize("name, score", [("llama-eager", "gradient"),
+                                         ("bert-sdpa", "activation")])
+def test_default_score_is_the_best_that_applies(name, score):
+    """No score= given: gradient for a language model, activation for an encoder (whose
+    outputs have no logits); the manifest says which was used."""
+    entry = zoo.get(name)
+    prog = rw.capture(entry.build(), *entry.inputs(2, 7))
+    cal = calibration() if name.startswith("llama") else _hidden_calibration(entry)
+    new = rw.rewrite(prog, "prune-heads:ratio=0.25", calibration=cal)
+    assert new.manifest["passes"][-1]["score"] == score
+    assert sum(s.num_heads for s in new.sites) < sum(s.num_heads for s in prog.sites)
+
+
 def test_pruning_mha_heads_and_relative_bias():
     entry = zoo.get("t5-sdpa")
     model = entry.build()

@@ -63,6 +63,39 @@ def test_smollm2_identity(smollm, seq):
     assert report.max_rel <= TOL, str(report)
 
 
+def test_smollm2_canonicalization_is_exact_in_float64(smollm):
+    """Canonicalized against captured graph in float64: rounding (~1e-15) cannot hide a
+    difference, nor fake one."""
+    report = smollm.prog.verify(float64=True)
+    assert report.ok and report.max_rel < 1e-12, str(report)
+
+
+def test_smollm2_tied_embeddings_in_hf_checkpoint(smollm, tmp_path):
+    """SmolLM2 ties its LM head to the input embeddings: a uniform GQA conversion keeps the
+    tie through rewrite, save and load, and writes hf/ that vanilla transformers loads (tied,
+    one stored copy) with the program's logits, to within the program's fp32 noise."""
+    from transformers import AutoModelForCausalLM
+
+    from rewriter.precision import rounding_noise
+
+    new = rw.rewrite(smollm.prog, "gqa:kv-heads=1,merge=mean")
+    manifest = new.save(tmp_path / "out")
+    assert manifest["hf"] == {"written": True, "reason": "num_key_value_heads=1"}
+    assert [sorted(g) for g in manifest["tied"]] == [["lm_head.weight",
+                                                       "model.embed_tokens.weight"]]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf")
+    assert hf.config.num_key_value_heads == 1
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    args, kwargs = smollm.loaded.example_inputs(33, 2)
+    noise = rounding_noise(new.module, args, kwargs)
+    report = new.verify(hf, args, kwargs, tolerance=max(TOL, 4 * noise))
+    assert report.ok, f"{report} (fp32 noise {noise:.2e})"
+    loaded = rw.load(tmp_path / "out")
+    state = loaded.module.state_dict(keep_vars=True)
+    assert state["lm_head.weight"] is state["model.embed_tokens.weight"]
+    assert loaded.verify(new, args, kwargs, tolerance=0.0).ok  # the same graph and weights
+
+
 def test_smollm2_eager_attention_identity(smollm):
     """The same weights with transformers' eager attention (matmul + softmax)."""
     model = smollm.loaded.model

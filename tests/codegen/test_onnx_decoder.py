@@ -1,7 +1,7 @@
 """ONNX decoders with past/present KV inputs and outputs: ONNX Runtime (CPU) equals the torch
 decoder step by step (fp32, relative 1e-4) and greedy generation in ONNX Runtime equals
 PyTorch token for token: on zoo decoders and variants, and on SmolLM2 (dense and GQA) for 32
-tokens."""
+tokens, up to a near-tie the measured fp32 noise cannot order (GreedyOracle)."""
 
 from __future__ import annotations
 
@@ -141,6 +141,41 @@ def test_generate_needs_a_decoder(tmp_path):
 # --- SmolLM2: 32 greedy tokens in ONNX Runtime == PyTorch ------------------------------------
 
 PROMPT = "The capital of France is"
+# Two fp32 code paths each round within the program's measured noise of the exact (float64)
+# logits, so their greedy choices may differ only where the exact top two are within twice
+# that of each other; 4x leaves room for a runtime rounding a little worse than torch.
+NEAR_TIE = 4.0
+
+
+class GreedyOracle:
+    """Exact (float64) logits along a greedy sequence of ``program``, and the fp32 rounding
+    noise on them (max |fp32 - float64|, in logits)."""
+
+    def __init__(self, program, tokens: torch.Tensor):
+        from rewriter.precision import float64_module
+        from rewriter.quality import logits_fn
+
+        with torch.no_grad():
+            self.exact = logits_fn(program, float64_module(program.module))(tokens)
+            low = logits_fn(program)(tokens)
+        self.noise = float((low.double() - self.exact).abs().max())
+        self.tokens = tokens
+
+    def assert_agrees(self, got: torch.Tensor, start: int, what: str) -> None:
+        """``got`` equals the oracle's tokens from ``start`` on, up to the first near-tie (two
+        candidates within NEAR_TIE x noise in exact logits): past it the sequences may part."""
+        want = self.tokens
+        assert got.shape[0] == want.shape[0] and torch.equal(got[:, :start], want[:, :start])
+        for t in range(start, min(got.shape[1], want.shape[1])):
+            for row in range(got.shape[0]):
+                a, b = int(got[row, t]), int(want[row, t])
+                if a == b:
+                    continue
+                gap = float(self.exact[row, t - 1, b] - self.exact[row, t - 1, a])
+                assert abs(gap) <= NEAR_TIE * self.noise, (
+                    f"{what}: token {t} is {a}, not {b}, where the exact logits differ by "
+                    f"{gap:.3g} (fp32 noise {self.noise:.3g})")
+                return  # a near-tie: beyond it the two sequences may differ
 
 
 def smollm_generation(tmp_path, specs: list[str]) -> None:
@@ -151,20 +186,21 @@ def smollm_generation(tmp_path, specs: list[str]) -> None:
     if specs:
         prog = rw.rewrite(prog, specs)
     prompt = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
+    start = prompt.shape[1]
     want = greedy_reference(prog, prompt, 32)  # the program, no cache, in PyTorch
+    oracle = GreedyOracle(prog, want)
     if not specs:  # the dense program is the Hugging Face model: its generate() agrees
         with torch.no_grad():  # (up to where it stops at end-of-sequence)
             hf = loaded.model.generate(prompt, max_new_tokens=32, do_sample=False,
                                        attention_mask=torch.ones_like(prompt))
-        assert hf.shape[1] > prompt.shape[1] + 8
-        assert torch.equal(hf, want[:, :hf.shape[1]])
+        assert hf.shape[1] > start + 8
+        oracle.assert_agrees(hf, start, "transformers generate()")
     dec = build_decoder(prog)
-    assert torch.equal(dec.generate(prompt, 32), want)
+    oracle.assert_agrees(dec.generate(prompt, 32), start, "torch decoder")
     for target in ("onnx", "ort"):
         path = tmp_path / f"{target}.onnx"
         export_decoder(dec, path, target)
-        got = rwonnx.generate(rwonnx.session(path), prompt, 32)
-        assert torch.equal(got, want), (target, got, want)
+        oracle.assert_agrees(rwonnx.generate(rwonnx.session(path), prompt, 32), start, target)
 
 
 @pytest.mark.slow
