@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import rewriter as rw
-from rewriter.frontend import dynamic_shapes_for
+from rewriter.ir.export import dynamic_shapes_for
 from rewriter.models import load
 
 

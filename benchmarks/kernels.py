@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from rewriter.masks import MaskSpec
+from rewriter.ir.masks import MaskSpec
 
 CASES = {  # name -> sparsity (every case is causal); "{heads}" is filled per head count
     "dense-causal": "",

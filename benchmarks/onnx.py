@@ -35,7 +35,8 @@ import torch
 
 import rewriter as rw
 from rewriter import onnx as rwonnx
-from rewriter.models import load, token_windows
+from rewriter.io.text import token_windows
+from rewriter.models import load
 
 VARIANTS = {"dense": None, "sparse": ["sparse:window=256,sink=4"],
             "gqa+sparse": ["gqa:kv-heads=1,merge=mean", "sparse:window=256,sink=4"]}

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 import rewriter as rw
+from rewriter.analysis.quality import eval_windows, logits_fn, perplexity
 from rewriter.api import calibration_batches
 from rewriter.models import load
-from rewriter.quality import eval_windows, logits_fn, perplexity
 
 VARIANTS = [
     "sparse:window=64,sink=4",

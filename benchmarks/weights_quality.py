@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 import rewriter as rw
+from rewriter.analysis.quality import eval_windows, logits_fn, mean_pooled, perplexity
 from rewriter.api import calibration_batches
 from rewriter.models import load
-from rewriter.quality import eval_windows, logits_fn, mean_pooled, perplexity
 
 SMOLLM_VARIANTS = [
     "gqa:kv-heads=1,merge=mean",

@@ -325,7 +325,7 @@ def inspect(
         if out is not None and graph is None:
             raise SpecError("--out needs --graph dot|svg|html")
         if out is not None and out.exists() and not force:
-            from rewriter.checkpoint import OutputExistsError
+            from rewriter.io.atomic import OutputExistsError
 
             raise OutputExistsError(f"{out} exists: pick another --out or pass --force")
         prog = open_model(model, seq_len, rep, trust_pickle=trust_pickle,
@@ -384,7 +384,7 @@ def print_site(prog: Program, index: int, as_json: bool) -> None:
 
 def render_site(prog: Program, index: int, fmt: str, out: Path | None) -> None:
     """DOT / SVG / HTML of one site's subgraph before and after canonicalization."""
-    from rewriter import graphviz
+    from rewriter.analysis import graphviz
 
     _site(prog, index)
     graphs = graphviz.site_graphs(prog, index)
@@ -421,7 +421,7 @@ def write_file_atomic(path: Path, text: str) -> None:
 
 
 def print_diff(name_a: str, name_b: str, a: Program, b: Program, as_json: bool) -> None:
-    from rewriter.diff import diff_programs
+    from rewriter.analysis.diff import diff_programs
 
     d = diff_programs(a, b)
     if as_json:
@@ -559,7 +559,7 @@ def program_facts(prog: Program) -> dict:
 def measure_quality(before: Program, after: Program, ctx: int, windows: int,
                     text: str | None = None) -> dict:
     """Perplexity of both programs on the same held-out windows."""
-    from rewriter import quality
+    from rewriter.analysis import quality
 
     try:
         ids = quality.eval_windows(before.tokenizer, ctx, windows, text=text)
@@ -575,7 +575,7 @@ def write_checkpoint(prog: Program, out: Path, *, force: bool, verification=None
                      onnx: str | None = None, reporter: Reporter | None = None) -> dict:
     """program.pt2 + manifest.json (+ hf/) (+ model.onnx), all in one temporary directory
     beside ``out`` that is renamed into place at the end (see rewriter.checkpoint)."""
-    from rewriter.checkpoint import atomic_directory
+    from rewriter.io.atomic import atomic_directory
 
     reporter = reporter or Reporter(Console(stderr=True, quiet=True))
     result: dict = {}
@@ -632,9 +632,9 @@ def convert(
     config expresses the result, and DIR/model.onnx with --onnx. Nothing is written unless
     everything succeeds."""
     import rewriter as rw
-    from rewriter.checkpoint import check_output_dir
-    from rewriter.quality import is_language_model
-    from rewriter.specs import parse_spec
+    from rewriter.analysis.quality import is_language_model
+    from rewriter.io.atomic import check_output_dir
+    from rewriter.passes import parse_spec
 
     err = stderr_console()
     with user_errors(), Reporter(err) as rep:
@@ -719,7 +719,7 @@ def sites_line(sites: list[dict]) -> str:
 
 def logits_runner(prog: Program, backend: str, workdir: Path) -> Callable:
     """ids [B, S] -> logits, on eager PyTorch, generated Triton kernels or ONNX Runtime."""
-    from rewriter import quality
+    from rewriter.analysis import quality
 
     if backend == "eager":
         return quality.logits_fn(prog)
@@ -760,7 +760,7 @@ def eval_(
     as_json: JsonOpt = False,
 ) -> None:
     """Perplexity and tokens/s of MODEL (or a converted DIR) on windows of text."""
-    from rewriter import quality
+    from rewriter.analysis import quality
 
     err = stderr_console()
     with user_errors(), Reporter(err) as rep:
@@ -827,9 +827,10 @@ def demo(
     sliding window with sinks, verify, perplexity before and after, export ONNX and run it in
     ONNX Runtime. Prints a short report (about 3 minutes on 2 CPU cores)."""
     import rewriter as rw
-    from rewriter import models, quality
+    from rewriter import models
     from rewriter import onnx as rwonnx
-    from rewriter.checkpoint import check_output_dir
+    from rewriter.analysis import quality
+    from rewriter.io.atomic import check_output_dir
 
     specs = variant or DEMO_SPECS
     err = stderr_console()

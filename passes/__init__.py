@@ -1,18 +1,7 @@
 """Graph -> graph transforms over attention sites. Importing this package registers every
-variant's spec schema (see rewriter.specs) and pass class (see PASSES)."""
+variant (one module each) in `rewriter.passes.registry.VARIANTS`."""
 
-from rewriter.passes.gqa import GqaPass
-from rewriter.passes.prune import PrunePass
-from rewriter.passes.share import SharePass
-from rewriter.passes.sparse import SparsePass
+from rewriter.passes import gqa, prune, share, sparse  # noqa: F401  (each registers a variant)
+from rewriter.passes.registry import VARIANTS, build_pass, parse_spec
 
-# spec name -> pass class (constructed with the parsed Spec)
-PASSES = {
-    "gqa": GqaPass,
-    "prune-heads": PrunePass,
-    "sparse": SparsePass,
-    "share-kv": SharePass,
-    "share-attn": SharePass,
-}
-
-__all__ = ["PASSES"]
+__all__ = ["VARIANTS", "build_pass", "parse_spec"]

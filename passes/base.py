@@ -3,22 +3,15 @@ the graph after each, and records what each did in the program's manifest."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-import torch
-from torch.fx import GraphModule, Node
-
-import rewriter.ops  # noqa: F401  (registers torch.ops.rewriter.attention)
-from rewriter.patterns.graph import copy_graph, graph_module_over, tensor_aliases
+from rewriter.ir.graph import canonical_nodes, cleanup, remove_unused_attributes
+from rewriter.ir.program import GraphProgram as Program
 
 if TYPE_CHECKING:
-    from rewriter.program import Program
-    from rewriter.specs import Spec
-
-ATTENTION = torch.ops.rewriter.attention.default
+    from rewriter.ir.specs import Spec
 
 
 @dataclass
@@ -57,25 +50,6 @@ class Pass(Protocol):
     def run(self, program: Program, ctx: PassContext) -> PassResult: ...
 
 
-def clone_program(program: Program) -> Program:
-    """A Program with its own graph and module hierarchy; tensors are shared until a pass
-    replaces them (passes never edit a tensor in place)."""
-    from rewriter.program import Program
-
-    new = graph_module_over(program.module, copy_graph(program.module))
-    clone = Program(module=new, original=program._original,
-                    sites=[copy.deepcopy(s) for s in program.sites],
-                    rejected=list(program.rejected), example_args=program.example_args,
-                    example_kwargs=program.example_kwargs,
-                    manifest=copy.deepcopy(program.manifest), tokenizer=program.tokenizer)
-    clone.hf_config = program.hf_config
-    return clone
-
-
-def canonical_nodes(gm: GraphModule) -> dict[str, Node]:
-    return {n.name: n for n in gm.graph.nodes if n.op == "call_function" and n.target is ATTENTION}
-
-
 def lint(program: Program) -> None:
     """The graph is well formed and every site still names a canonical node of matching heads."""
     program.module.graph.lint()
@@ -93,26 +67,8 @@ def lint(program: Program) -> None:
                                  f"site says {site.num_kv_heads}")
 
 
-def remove_unused_attributes(gm: GraphModule) -> int:
-    """Delete parameters/buffers no get_attr reads any more (e.g. a removed k_proj); a tied
-    name stays while the tensor is read under another. Returns the number of elements freed."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    tensors = dict((*gm.named_parameters(remove_duplicate=False),
-                    *gm.named_buffers(remove_duplicate=False)))
-    freed = 0
-    for names in tensor_aliases(gm).values():
-        if used.intersection(names):
-            continue
-        freed += tensors[names[0]].numel()
-        for name in names:
-            owner, _, attr = name.rpartition(".")
-            delattr(gm.get_submodule(owner) if owner else gm, attr)
-    return freed
-
-
 def run_passes(program: Program, passes: Iterable[tuple[Pass, Spec]],
                ctx: PassContext) -> Program:
-    from rewriter.passes.canonicalize import cleanup
 
     for pass_, spec in passes:
         before = program.parameter_count()

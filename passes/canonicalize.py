@@ -9,48 +9,16 @@ from __future__ import annotations
 from collections import deque
 
 import torch
-from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
-from torch.fx.node import _side_effectful_functions, map_arg
 
-import rewriter.ops  # noqa: F401  (registers torch.ops.rewriter.attention)
+from rewriter.ir.graph import ATTENTION, Emitter, cleanup, concrete, module_path, static_int
+from rewriter.ir.site import AttentionSite
 from rewriter.patterns.core import CoreMatch, layer_index
-from rewriter.patterns.graph import concrete, is_op, module_path, shape, static_int, val
+from rewriter.patterns.graph import is_op, shape
 from rewriter.patterns.layout import Operand
 from rewriter.patterns.projections import trace_input_projection, trace_output_projection
-from rewriter.site import AttentionSite
 
 aten = torch.ops.aten
-ATTENTION = torch.ops.rewriter.attention.default
-
-
-class Emitter:
-    """Creates call_function nodes with their fake values, before a given node."""
-
-    def __init__(self, gm: GraphModule):
-        placeholders = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-        self.fake_mode = detect_fake_mode([v for v in placeholders if v is not None])
-        self.graph = gm.graph
-        self.meta: dict = {}
-
-    def call(self, target, args, kwargs=None) -> Node:
-        kwargs = kwargs or {}
-        node = self.graph.call_function(target, args, kwargs)
-        node.meta.update(self.meta)
-        if self.fake_mode is not None:
-            with self.fake_mode:
-                node.meta["val"] = target(*map_arg(args, val), **map_arg(kwargs, val))
-        return node
-
-    def fake(self, tensor: torch.Tensor):
-        """The traced value of a real tensor (a parameter about to be read by get_attr)."""
-        return self.fake_mode.from_tensor(tensor) if self.fake_mode is not None else tensor
-
-    def operand(self, operand: Operand) -> Node:
-        node = operand.node
-        for step in operand.steps:
-            node = self.call(step.target, (node, *step.args))
-        return node
 
 
 def describe_site(match: CoreMatch, index: int) -> AttentionSite:
@@ -125,7 +93,7 @@ def emit_canonical(match: CoreMatch, emit: Emitter) -> Node:
     emit.meta = {k: match.anchor.meta[k] for k in ("nn_module_stack", "stack_trace")
                  if k in match.anchor.meta}
     with emit.graph.inserting_before(match.output):
-        q, k, v = (emit.operand(o) for o in (match.q, match.k, match.v))
+        q, k, v = (emit_operand(emit, o) for o in (match.q, match.k, match.v))
         mask = match.sdpa_mask if match.sdpa_mask is not None else _emit_mask(match, emit)
         out = emit.call(ATTENTION, (q, k, v, mask), {
             "scale": float(match.scale), "is_causal": match.is_causal,
@@ -157,6 +125,14 @@ def _emit_mask(match: CoreMatch, emit: Emitter) -> Node | None:
     return total
 
 
+def emit_operand(emit: Emitter, operand: Operand) -> Node:
+    """Replay an operand's layout steps from its source node (q/k/v as [B, H, S, D])."""
+    node = operand.node
+    for step in operand.steps:
+        node = emit.call(step.target, (node, *step.args))
+    return node
+
+
 def canonicalize(gm: GraphModule, matches: list[CoreMatch]) -> list[AttentionSite]:
     """Rewrite ``gm`` in place (callers pass a fresh copy); return the sites, in graph order."""
     emit = Emitter(gm)
@@ -169,23 +145,3 @@ def canonicalize(gm: GraphModule, matches: list[CoreMatch]) -> list[AttentionSit
     return sites
 
 
-def has_side_effects(node: Node) -> bool:
-    """Kept even when unused: graph inputs/outputs, the export's guard module, and ops that
-    mutate or print. Random ops like dropout count as pure here: FX keeps them by default,
-    which would leave the replaced attention computing next to its canonical node."""
-    if node.op in ("placeholder", "output", "call_module"):
-        return True
-    if node.op != "call_function":
-        return False
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.is_mutable or node.target in _side_effectful_functions
-    return node.is_impure()
-
-
-def cleanup(gm: GraphModule, recompile: bool = True) -> None:
-    """Drop dead nodes (keeping side-effecting ones, like the export's input guards), lint, and
-    regenerate code."""
-    gm.graph.eliminate_dead_code(is_impure_node=has_side_effects)
-    gm.graph.lint()
-    if recompile:
-        gm.recompile()

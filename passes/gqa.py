@@ -26,10 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
+from rewriter.analysis.quality import calibration_loss
 from rewriter.errors import SpecError
-from rewriter.ops import reference_attention
-from rewriter.passes.base import PassContext, PassResult, clone_program
-from rewriter.passes.canonicalize import cleanup
+from rewriter.ir.graph import cleanup
+from rewriter.ir.ops import reference_attention
+from rewriter.ir.specs import Key, Spec, choice, positive_int
+from rewriter.passes.base import PassContext, PassResult
 from rewriter.passes.heads import (
     HeadWeights,
     OutWeights,
@@ -38,17 +40,16 @@ from rewriter.passes.heads import (
     site_heads,
 )
 from rewriter.passes.observe import calibrate, default_output
+from rewriter.passes.registry import variant
 from rewriter.passes.surgery import nodes_between, trace_input
-from rewriter.quality import calibration_loss
-from rewriter.specs import Key, Spec, choice, positive_int, register
 
-register("gqa", {
+KEYS = {
     "kv-heads": Key(positive_int, "a positive integer dividing every site's query heads",
-                    required=True),
+                    required=True, metavar="N"),
     "grouping": Key(choice("contiguous", "similarity"), "contiguous or similarity",
-                    default="contiguous"),
-    "merge": Key(choice("mean", "fit"), "mean or fit", default="fit"),
-})
+                    default="contiguous", metavar="contiguous|similarity"),
+    "merge": Key(choice("mean", "fit"), "mean or fit", default="fit", metavar="mean|fit"),
+}
 
 MAX_CALIBRATION_TOKENS = 2048  # per site, for the fit statistics and the fit-vs-mean check
 
@@ -57,6 +58,10 @@ def _divisors(n: int) -> set[int]:
     return {d for d in range(1, n + 1) if n % d == 0}
 
 
+@variant("gqa", KEYS, "N KV heads per site; K/V projections shrink. `fit` (default) folds "
+         "calibrated alignment maps into q and o (RoPE-commuting per-pair complex scalings for "
+         "keys, a PCA basis for values) and is kept only where it beats `mean` on the "
+         "calibration data")
 class GqaPass:
     name = "gqa"
 
@@ -92,7 +97,7 @@ class GqaPass:
         return PassResult(program, bool(todo), counts)
 
     def _convert(self, source, todo: set[int], acts: dict, fit: bool):
-        program = clone_program(source)
+        program = source.clone()
         n = self.spec.params["kv-heads"]
         chosen = {}
         for site in program.sites:

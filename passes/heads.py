@@ -10,8 +10,8 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from rewriter.passes.base import canonical_nodes
-from rewriter.passes.canonicalize import Emitter
+from rewriter.ir.graph import Emitter, canonical_nodes, fetch_attr, val
+from rewriter.ir.site import AttentionSite, Projection
 from rewriter.passes.surgery import (
     SurgeryError,
     emit_input,
@@ -19,8 +19,6 @@ from rewriter.passes.surgery import (
     trace_input,
     trace_output,
 )
-from rewriter.patterns.graph import fetch_attr, val
-from rewriter.site import AttentionSite, Projection
 
 ROLES = ("q", "k", "v")
 

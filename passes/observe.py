@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from rewriter.passes.base import ATTENTION, PassContext
-from rewriter.patterns.graph import copy_graph, graph_module_from
+from rewriter.ir.graph import ATTENTION, copy_graph, graph_module_over
+from rewriter.passes.base import PassContext
 
 if TYPE_CHECKING:
     from rewriter.program import Program
@@ -48,7 +48,7 @@ def instrumented(program: Program) -> torch.nn.Module:
         if node.op == "call_function" and node.target is ATTENTION and node.name in index:
             node.target = observed_attention
             node.kwargs = {**node.kwargs, "site": index[node.name]}
-    return graph_module_from(gm, graph)
+    return graph_module_over(gm, graph)
 
 
 def calibrate(program: Program, ctx: PassContext, observer: Observer, task: str) -> None:

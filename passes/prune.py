@@ -21,14 +21,15 @@ import math
 
 import torch
 
+from rewriter.analysis.quality import is_language_model
 from rewriter.errors import SpecError
-from rewriter.ops import reference_attention
-from rewriter.passes.base import PassContext, PassResult, clone_program
-from rewriter.passes.canonicalize import cleanup
+from rewriter.ir.graph import cleanup
+from rewriter.ir.ops import reference_attention
+from rewriter.ir.specs import Key, Spec, choice
+from rewriter.passes.base import PassContext, PassResult
 from rewriter.passes.heads import rebuild_site, site_heads
 from rewriter.passes.observe import calibrate, default_output, instrumented, observing
-from rewriter.quality import is_language_model
-from rewriter.specs import Key, Spec, choice, register
+from rewriter.passes.registry import variant
 
 
 def _ratio(text: str) -> float:
@@ -48,16 +49,22 @@ def _head_list(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(set(out)))
 
 
-register("prune-heads", {
-    "ratio": Key(_ratio, "a fraction in (0, 1)"),
+KEYS = {
+    "ratio": Key(_ratio, "a fraction in (0, 1)", metavar="R"),
     # default (None): gradient for language models, activation for other models
     "score": Key(choice("magnitude", "gradient", "activation"),
                  "magnitude, gradient or activation; by default gradient for language models, "
-                 "activation for others"),
-    "heads": Key(_head_list, "site.head pairs like 0.3;5.1"),
-})
+                 "activation for others", metavar="magnitude|gradient|activation"),
+    "heads": Key(_head_list, "site.head pairs like 0.3;5.1", metavar="S.H;S.H..."),
+}
 
 
+@variant("prune-heads", KEYS,
+         "removes the least important query heads (whole KV groups under GQA), slicing "
+         "q/k/v/o; without `score=`, `gradient` for language models and `activation` for "
+         "other models (the manifest records which)",
+         usage=("prune-heads:ratio=R[,score=magnitude|gradient|activation]",
+                "prune-heads:heads=S.H;..."))
 class PrunePass:
     name = "prune-heads"
 
@@ -68,7 +75,7 @@ class PrunePass:
             raise SpecError(f"spec {spec}: give exactly one of ratio=R or heads=S.H;...")
 
     def run(self, program, ctx: PassContext) -> PassResult:
-        program = clone_program(program)
+        program = program.clone()
         by_index = {s.index: s for s in program.sites}
         score = None
         if self.spec.params["heads"] is not None:

@@ -17,17 +17,18 @@ import torch
 import torch.nn.functional as F
 
 from rewriter.errors import SpecError
-from rewriter.ops import reference_probs
-from rewriter.passes.base import PassContext, PassResult, canonical_nodes, clone_program
+from rewriter.ir.graph import canonical_nodes
+from rewriter.ir.ops import reference_probs
+from rewriter.ir.specs import Key, Spec, choice, positive_int
+from rewriter.passes.base import PassContext, PassResult
 from rewriter.passes.observe import calibrate, default_output
-from rewriter.specs import Key, Spec, choice, positive_int, register
+from rewriter.passes.registry import variant
 
-_KEYS = {
-    "group": Key(positive_int, "a positive integer (layers per run)", required=True),
-    "layers": Key(choice("fixed", "auto"), "fixed or auto", default="fixed"),
+KEYS = {
+    "group": Key(positive_int, "a positive integer (layers per run)", required=True,
+                 metavar="G"),
+    "layers": Key(choice("fixed", "auto"), "fixed or auto", default="fixed", metavar="auto"),
 }
-register("share-kv", _KEYS)
-register("share-attn", _KEYS)
 
 
 def fixed_runs(n: int, group: int) -> list[list[int]]:
@@ -63,6 +64,10 @@ def best_runs(cost: torch.Tensor, num_runs: int) -> list[list[int]]:
     return runs[::-1]
 
 
+@variant("share-kv", KEYS, "later layers of each run reuse the first layer's K/V; their k/v "
+         "projections go away and they add nothing to the KV cache")
+@variant("share-attn", KEYS, "later layers of each run reuse the first layer's attention "
+         "probabilities; their q/k projections go away")
 class SharePass:
     """share-kv (what="kv") and share-attn (what="attn")."""
 
@@ -72,7 +77,7 @@ class SharePass:
         self.name = spec.name
 
     def run(self, program, ctx: PassContext) -> PassResult:
-        program = clone_program(program)
+        program = program.clone()
         sites = [s for s in program.sites if not s.cross and s.kv_source is None
                  and s.attn_source is None]
         if len(sites) < 2:

@@ -15,28 +15,37 @@ from __future__ import annotations
 import torch
 
 from rewriter.errors import SpecError
-from rewriter.masks import MaskSpec, causal_mask, head_table
-from rewriter.ops import reference_probs
-from rewriter.passes.base import PassContext, PassResult, canonical_nodes, clone_program
+from rewriter.ir.graph import canonical_nodes
+from rewriter.ir.masks import MaskSpec, causal_mask, head_table
+from rewriter.ir.ops import reference_probs
+from rewriter.ir.specs import Key, Spec, fraction, int_set, non_negative_int, positive_int
+from rewriter.passes.base import PassContext, PassResult
 from rewriter.passes.heads import site_heads
 from rewriter.passes.observe import calibrate, default_output
-from rewriter.specs import Key, Spec, fraction, int_set, non_negative_int, positive_int, register
+from rewriter.passes.registry import variant
 
-register("sparse", {
-    "window": Key(positive_int, "a positive integer (tokens)"),
-    "sink": Key(non_negative_int, "an integer >= 0 (tokens)", default=None),
-    "dilation": Key(positive_int, "a positive integer", default=1),
-    "layers": Key(int_set, "layer indices like 0;2;5-7", default=None),
+KEYS = {
+    "window": Key(positive_int, "a positive integer (tokens)", metavar="W"),
+    "sink": Key(non_negative_int, "an integer >= 0 (tokens)", default=None, metavar="S"),
+    "dilation": Key(positive_int, "a positive integer", default=1, metavar="D"),
+    "layers": Key(int_set, "layer indices like 0;2;5-7", default=None, metavar="L"),
     "heads": Key(lambda t: "auto" if t == "auto" else int_set(t),
-                 "auto, or query-head indices like 0;3", default=None),
-    "density": Key(fraction, "a fraction in (0, 1]", default=None),
-    "ctx": Key(positive_int, "the context length the density is measured at", default=1024),
-})
+                 "auto, or query-head indices like 0;3", default=None, metavar="H"),
+    "density": Key(fraction, "a fraction in (0, 1]", default=None, metavar="P"),
+    "ctx": Key(positive_int, "the context length the density is measured at", default=1024,
+               metavar="N"),
+}
 
 AUTO_WINDOW, AUTO_SINK = 64, 4
 WINDOW_CHOICES = (64, 96, 128, 192, 256, 384, 512)
 
 
+@variant("sparse", KEYS,
+         "static sink + window masks on every site or a subset; with `heads=auto`, a calibrated "
+         "window (or full attention) per KV head, at most a fraction P of the causal score "
+         "matrix at N tokens",
+         usage=("sparse:window=W[,sink=S][,dilation=D][,layers=L][,heads=H]",
+                "sparse:heads=auto,density=P[,ctx=N]"))
 class SparsePass:
     name = "sparse"
 
@@ -55,7 +64,7 @@ class SparsePass:
                 raise SpecError(f"spec {spec}: density= only goes with heads=auto")
 
     def run(self, program, ctx: PassContext) -> PassResult:
-        program = clone_program(program)
+        program = program.clone()
         p = self.spec.params
         if p["heads"] == "auto":
             tables = self._auto_tables(program, ctx)

@@ -25,8 +25,8 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from rewriter.errors import RewriterError
-from rewriter.passes.canonicalize import Emitter
-from rewriter.patterns.graph import concrete, fetch_attr, shape
+from rewriter.ir.graph import Emitter, concrete, fetch_attr
+from rewriter.patterns.graph import shape
 from rewriter.patterns.layout import apply_node, chain_down, iota, is_layout
 from rewriter.patterns.projections import (
     is_projection,

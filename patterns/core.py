@@ -18,16 +18,15 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule, Node
 
+from rewriter.ir.graph import module_path, static_int
 from rewriter.patterns.graph import (
     MatchFailure,
     arg,
     data_users,
     depends_on_input,
     is_op,
-    module_path,
     scalar_constant,
     shape,
-    static_int,
 )
 from rewriter.patterns.kv_expansion import peel_expansion
 from rewriter.patterns.layout import (

@@ -1,13 +1,15 @@
-"""Small helpers over torch.fx nodes: values, shapes, constants, argument access."""
+"""Helpers for matching over torch.fx nodes: why a match failed, shapes, constants, argument
+access, data users (generic node and graph utilities are in rewriter.ir.graph)."""
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import GraphModule, Node
+
+from rewriter.ir.graph import fetch_attr, val
 
 aten = torch.ops.aten
 
@@ -21,42 +23,11 @@ class MatchFailure(Exception):
         self.node = node
 
 
-def val(node: Any) -> Any:
-    """The traced value (FakeTensor, SymInt, ...) of a node; plain Python values pass through."""
-    return node.meta.get("val") if isinstance(node, Node) else node
-
-
 def shape(node: Node) -> tuple:
     v = val(node)
     if not isinstance(v, torch.Tensor):
         raise MatchFailure(f"{node.name} has no tensor value", node)
     return tuple(v.shape)
-
-
-def concrete(x: Any) -> Any:
-    """A concrete Python value for an argument: SymInts become their example-input hint."""
-    if isinstance(x, Node):
-        x = val(x)
-    if isinstance(x, torch.SymInt):
-        hint = x.node.hint
-        return int(hint if hint is not None else x.node.shape_env.size_hint(x.node.expr))
-    if isinstance(x, torch.SymFloat):
-        return float(x.node.hint)
-    if isinstance(x, (list, tuple)):
-        return type(x)(concrete(e) for e in x)
-    return x
-
-
-def static_int(x: Any) -> int | None:
-    """An int that is the same for every input, or None when it varies (a symbolic size)."""
-    if isinstance(x, Node):
-        x = val(x)
-    if isinstance(x, int):
-        return x
-    if isinstance(x, torch.SymInt):
-        expr = x.node.expr
-        return int(expr) if expr.is_number else None
-    return None
 
 
 def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
@@ -97,14 +68,6 @@ def scalar_constant(x: Any, gm: GraphModule | None = None) -> float | None:
              aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.expand.default):
         return scalar_constant(x.args[0], gm)
     return None
-
-
-def fetch_attr(gm: GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
 
 
 # Ops that read only a tensor's shape/dtype, never its values.
@@ -150,83 +113,3 @@ def depends_on_input(node: Node, cache: dict[Node, bool]) -> bool:
     return result
 
 
-def module_path(node: Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path, _cls = list(stack.values())[-1]
-    return path
-
-
-def copy_graph(gm: GraphModule) -> Graph:
-    """A copy of gm's graph (nodes new, meta copied shallowly); cheap, no code generation."""
-    graph = Graph()
-    graph._codegen = gm.graph._codegen
-    out = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    if out is not None:
-        value, output_node = out
-        new_output = graph.output(value, type_expr=getattr(output_node, "type", None))
-        new_output.meta = dict(output_node.meta)
-    return graph
-
-
-def graph_module_from(gm: GraphModule, graph: Graph) -> GraphModule:
-    """A GraphModule running ``graph`` over gm's parameters (shared, not copied)."""
-    new = GraphModule(gm, graph, class_name=type(gm).__name__)
-    for attr in ("_in_spec", "_out_spec", "range_constraints"):
-        if hasattr(gm, attr):
-            setattr(new, attr, getattr(gm, attr))
-    return new
-
-
-def tensor_aliases(gm: torch.nn.Module) -> dict[int, list[str]]:
-    """Every name of each parameter/buffer, grouped by tensor identity (tied weights, such as
-    an LM head sharing the input embedding, have several)."""
-    names: dict[int, list[str]] = {}
-    for name, tensor in (*gm.named_parameters(remove_duplicate=False),
-                         *gm.named_buffers(remove_duplicate=False)):
-        names.setdefault(id(tensor), []).append(name)
-    return names
-
-
-def graph_module_over(gm: GraphModule, graph: Graph,
-                      convert: Callable[[Any], Any] | None = None) -> GraphModule:
-    """A GraphModule running ``graph`` over the attributes of ``gm`` it reads, and nothing
-    else (tensors shared, or mapped through ``convert``). A tied tensor keeps all its names,
-    read or not, so a checkpoint written from the result still has every tied weight."""
-    aliases = tensor_aliases(gm)
-    root: dict[str, Any] = {}
-    extra: dict[str, Any] = {}  # tied names the graph does not read
-    for node in graph.nodes:
-        if node.op not in ("get_attr", "call_module") or node.target in root:
-            continue
-        obj = fetch_attr(gm, node.target)
-        root[node.target] = new = convert(obj) if convert is not None else obj
-        if node.op == "get_attr":
-            extra.update({name: new for name in aliases.get(id(obj), ()) if name != node.target})
-    module = GraphModule(root, graph, class_name=type(gm).__name__)
-    for name, tensor in extra.items():
-        if name not in root:
-            set_attr(module, name, tensor)
-    for attr in ("_in_spec", "_out_spec", "range_constraints"):
-        if hasattr(gm, attr):
-            setattr(module, attr, getattr(gm, attr))
-    return module
-
-
-def set_attr(module: torch.nn.Module, target: str, value: Any) -> None:
-    """``module.<target> = value``, creating empty submodules on the way."""
-    *path, name = target.split(".")
-    for part in path:
-        if not hasattr(module, part):
-            module.add_module(part, torch.nn.Module())
-        module = getattr(module, part)
-    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
-        module.register_buffer(name, value)  # as GraphModule does with a dict root
-    else:
-        setattr(module, name, value)
-
-
-def copy_graph_module(gm: GraphModule) -> GraphModule:
-    """A new GraphModule with its own graph, sharing parameters."""
-    return graph_module_from(gm, copy_graph(gm))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from rewriter.patterns.graph import concrete, shape, val
+from rewriter.ir.graph import concrete, val
+from rewriter.patterns.graph import shape
 from rewriter.patterns.layout import Operand, chain_up, iota, propagate
 
 aten = torch.ops.aten

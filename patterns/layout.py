@@ -19,7 +19,8 @@ import torch
 from torch.fx import Node
 from torch.fx.node import map_arg
 
-from rewriter.patterns.graph import MatchFailure, concrete, data_users, shape, val
+from rewriter.ir.graph import concrete, val
+from rewriter.patterns.graph import MatchFailure, data_users, shape
 
 aten = torch.ops.aten
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-from rewriter.patterns.graph import concrete, is_op, is_parameter, shape
+from rewriter.ir.graph import concrete
+from rewriter.ir.site import Projection
+from rewriter.patterns.graph import is_op, is_parameter, shape
 from rewriter.patterns.layout import Operand, apply_node, chain_down, chain_up, iota, is_layout
-from rewriter.site import Projection
 
 aten = torch.ops.aten
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.fx import GraphModule, Node
 
-from rewriter.patterns.graph import MatchFailure, data_users, is_op, scalar_constant, val
+from rewriter.ir.graph import val
+from rewriter.patterns.graph import MatchFailure, data_users, is_op, scalar_constant
 
 aten = torch.ops.aten
 

@@ -24,15 +24,16 @@ _LAZY = {
     "capture": "rewriter.frontend",
     "rewrite": "rewriter.api",
     "Program": "rewriter.program",
-    "VerifyReport": "rewriter.program",
-    "AttentionSite": "rewriter.site",
-    "Projection": "rewriter.site",
-    "MaskSpec": "rewriter.masks",
-    "load": "rewriter.checkpoint",
+    "VerifyReport": "rewriter.analysis.verify",
+    "AttentionSite": "rewriter.ir.site",
+    "Projection": "rewriter.ir.site",
+    "MaskSpec": "rewriter.ir.masks",
+    "load": "rewriter.api",
+    "load_model": "rewriter.models",
 }
 
 
-_RENAMED = {"load": "load_program"}
+_RENAMED = {"load_model": "load"}
 
 
 def __getattr__(name: str):
@@ -56,6 +57,7 @@ __all__ = [
     "VerifyReport",
     "capture",
     "load",
+    "load_model",
     "rewrite",
 ]
 __version__ = "0.1.0"

@@ -1,15 +1,22 @@
-"""`rewrite`: apply variant specs to a model or Program, in order."""
+"""The top of the public API: `rewrite` (variant specs applied to a model or Program, in
+order) and `load` (a Program saved by `Program.save`). `capture` is rewriter.frontend's."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from rewriter.checkpoint import read_saved
+from rewriter.errors import SpecError
 from rewriter.frontend import capture
+from rewriter.io.text import token_windows
+from rewriter.ir.specs import Spec
+from rewriter.passes import build_pass, parse_spec
+from rewriter.passes.base import PassContext, run_passes
 from rewriter.program import Program
-from rewriter.specs import Spec, parse_spec
 
 
 def rewrite(
@@ -26,18 +33,13 @@ def rewrite(
     ``calibration``: token batches ([B, S] tensors), ``(args, kwargs)`` pairs, or a text (needs a
     Program with a tokenizer). By default (None), variants that need data calibrate on
     pydoc_data.topics windows tokenized by the program's tokenizer."""
-    from rewriter.passes import PASSES
-    from rewriter.passes.base import PassContext, run_passes
-
     if isinstance(specs, (str, Spec)):
         specs = [specs]
     parsed = [s if isinstance(s, Spec) else parse_spec(s) for s in specs]
-    passes = [(PASSES[s.name](s), s) for s in parsed]  # validates spec combinations early
+    passes = [(build_pass(s), s) for s in parsed]  # validates key combinations early
     if isinstance(model_or_program, Program):
         program = model_or_program
         if any(s.backend != "eager" for s in program.sites):
-            from rewriter.errors import SpecError
-
             raise SpecError("this program is compiled for a backend: rewrite the program "
                             "before compile(), not after")
     else:
@@ -52,9 +54,6 @@ def rewrite(
 def calibration_batches(program: Program, calibration: Any, *, seq_len: int = 512,
                         batches: int = 4, batch_size: int = 1) -> list[tuple[tuple, dict]]:
     """Normalize calibration input to (args, kwargs) calls of program.module."""
-    from rewriter.errors import SpecError
-    from rewriter.models import token_windows
-
     if calibration is None or isinstance(calibration, str):
         if program.tokenizer is None:
             raise SpecError("this variant needs calibration data: pass calibration= token "
@@ -73,3 +72,9 @@ def calibration_batches(program: Program, calibration: Any, *, seq_len: int = 51
             a, k = batch
             out.append((tuple(a), dict(k)))
     return out
+
+
+def load(path: str | Path) -> Program:
+    """A Program from a directory written by `Program.save` (the graph before
+    canonicalization is not kept: verify against another reference)."""
+    return Program(original=None, **read_saved(path))

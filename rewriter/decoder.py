@@ -28,11 +28,11 @@ import torch
 from torch.fx import CodeGen, Graph, GraphModule, Node
 from torch.utils._pytree import tree_leaves
 
+from rewriter.analysis.quality import logits_fn
 from rewriter.errors import RewriterError
-from rewriter.ops import attention as _attention_op  # noqa: F401  (registers the ops)
-from rewriter.patterns.graph import copy_graph
-from rewriter.precision import EXACT_TOLERANCE, float64_module
-from rewriter.quality import logits_fn
+from rewriter.ir.graph import copy_graph
+from rewriter.ir.ops import attention as _attention_op  # noqa: F401  (registers the ops)
+from rewriter.ir.precision import EXACT_TOLERANCE, float64_module
 
 __all__ = ["CacheEntry", "Decoder", "DecoderError", "build_decoder", "greedy_reference"]
 
@@ -125,7 +125,7 @@ def build_decoder(program, *, check: bool = True) -> Decoder:
     """The program as a decoder step with a KV cache; raises DecoderError when the program is
     not a causal LM of causal self-attention sites, or when the decoder does not reproduce the
     program (``check``: prefill of a prompt plus one step against one full forward)."""
-    from rewriter.passes.canonicalize import cleanup
+    from rewriter.ir.graph import cleanup
 
     _check_sites(program)
     graph = copy_graph(program.module)
@@ -222,7 +222,7 @@ def _set_outputs(graph: Graph, pasts: dict, presents: dict) -> list[CacheEntry]:
 def check_decoder(decoder: Decoder, prompt_len: int = 7, batch: int = 2,
                   tolerance: float = EXACT_TOLERANCE) -> float:
     """Prefill ``prompt_len`` tokens, step one more, and compare each logits row with one
-    forward of the program over all of them, both in float64 (rewriter.precision), so fp32
+    forward of the program over all of them, both in float64 (rewriter.ir.precision), so fp32
     rounding cannot pass for a wrong surgery nor fail a right one; raises DecoderError past
     ``tolerance``. Returns the max relative error."""
     program = decoder.program

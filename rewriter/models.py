@@ -5,10 +5,8 @@ locate their files and never import those packages (their own imports pull in se
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,8 @@ from typing import Any
 import torch
 
 from rewriter.errors import ModelLoadError, first_line
+from rewriter.io.quiet import quiet_tqdm
+from rewriter.io.text import token_windows
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, *,
         causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or \
             bool(gguf_file)
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        with _quiet_tqdm():  # transformers' GGUF dequantizer draws its own tqdm bar
+        with quiet_tqdm():  # transformers' GGUF dequantizer draws its own tqdm bar
             model = auto.from_pretrained(directory, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             directory, **({"gguf_file": gguf_file} if gguf_file else {}))
@@ -132,19 +132,6 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, *,
             from exc
     model.eval()
     return LoadedModel(display, model, tokenizer, causal)
-
-
-@contextlib.contextmanager
-def _quiet_tqdm():
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
 
 
 def _require_safetensors(directory: Path, trust_pickle: bool = False) -> bool:
@@ -162,37 +149,3 @@ def _require_safetensors(directory: Path, trust_pickle: bool = False) -> bool:
         raise ModelLoadError(f"{directory}: no weights found (*.safetensors)")
     json.loads(index.read_text())
     return True
-
-
-def calibration_text() -> str:
-    """Over 100k tokens of English prose that ships with CPython (pydoc topics)."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def token_windows(tokenizer, seq_len: int, batch: int, text: str | None = None,
-                  offset: int = 0) -> torch.Tensor:
-    """[batch, seq_len] consecutive windows of the tokenized text, from token ``offset``."""
-    need = seq_len * batch + offset
-    ids = _tokenized(tokenizer, text, need)
-    if ids.numel() < need:
-        raise ValueError(f"text has {ids.numel()} tokens, need {need}")
-    return ids[offset:need].view(batch, seq_len).clone()
-
-
-_TOKENIZED: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _tokenized(tokenizer, text: str | None, need: int) -> torch.Tensor:
-    """Token ids of the text's longest cached prefix holding ``need`` tokens (English prose
-    runs about 4 characters a token; we read 8 per token needed, then all of it if short)."""
-    text = calibration_text() if text is None else text
-    for chars in (min(len(text), 8 * need + 64), len(text)):
-        key = (id(tokenizer), hash(text), chars)
-        if key not in _TOKENIZED:
-            _TOKENIZED[key] = torch.tensor(
-                tokenizer(text[:chars], add_special_tokens=False).input_ids, dtype=torch.long)
-        if _TOKENIZED[key].numel() >= need:
-            break
-    return _TOKENIZED[key]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import rewriter as rw
-import rewriter.ops  # noqa: F401  (registers torch.ops.rewriter.attention)
+import rewriter.ir.ops  # noqa: F401  (registers torch.ops.rewriter.attention)
 
 ATTENTION = torch.ops.rewriter.attention.default
 SOFTMAX = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default,

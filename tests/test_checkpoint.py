@@ -11,7 +11,7 @@ import zoo
 from transformers import AutoModelForCausalLM
 
 import rewriter as rw
-from rewriter.checkpoint import OutputExistsError
+from rewriter.io.atomic import OutputExistsError
 
 
 @pytest.fixture(scope="module")

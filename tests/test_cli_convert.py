@@ -16,9 +16,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from rewriter.checkpoint import OutputExistsError
 from rewriter.cli.app import app
 from rewriter.errors import ModelLoadError, NoAttentionError, SpecError
+from rewriter.io.atomic import OutputExistsError
 
 TINY = "cli_factories:tiny_llama"  # LoadedModel: has a tokenizer
 BARE = "cli_factories:tiny_llama_bare"  # (module, args, kwargs)

@@ -12,10 +12,10 @@ import torch
 
 import rewriter as rw
 import rewriter.decoder as decoder_mod
+from rewriter.analysis.quality import logits_fn
 from rewriter.decoder import DecoderError, build_decoder, greedy_reference
-from rewriter.ops import cached_attention, reference_attention
-from rewriter.precision import EXACT_TOLERANCE
-from rewriter.quality import logits_fn
+from rewriter.ir.ops import cached_attention, reference_attention
+from rewriter.ir.precision import EXACT_TOLERANCE
 
 zoo = pytest.importorskip("zoo")
 
@@ -145,10 +145,6 @@ def test_static_capture_is_refused():
         build_decoder(prog)
 
 
-@pytest.mark.parametrize("name, why", [
-    ("gemma2-eager", "sliding-window layers: the model's own mask is not plain causal"),
-    ("opt-sdpa", "positions counted from the attention mask, not an arange"),
-])
 def _positions_not_shifted(graph, ids, past_len):  # noqa: ARG001  (the surgery's signature)
     return 1  # claims success, but positions restart at 0 after the prefill
 
@@ -179,6 +175,10 @@ def test_broken_surgery_is_caught(monkeypatch, spec, broken):
     assert err > 1e4 * EXACT_TOLERANCE
 
 
+@pytest.mark.parametrize("name, why", [
+    ("gemma2-eager", "sliding-window layers: the model's own mask is not plain causal"),
+    ("opt-sdpa", "positions counted from the attention mask, not an arange"),
+])
 def test_unreproducible_models_are_refused(name, why):  # noqa: ARG001  (why: documentation)
     """The surgery assumes plain causal masks and arange positions; the build-time check
     refuses models where that is false instead of returning a wrong decoder."""

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rewriter.errors import SpecError
-from rewriter.masks import EMPTY, FULL, PARTIAL, MaskSpec, causal_mask
+from rewriter.ir.masks import EMPTY, FULL, PARTIAL, MaskSpec, causal_mask
 
 
 def brute_keep(spec: MaskSpec, h: int, i: int, j: int, sq: int, sk: int) -> bool:

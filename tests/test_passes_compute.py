@@ -10,8 +10,8 @@ import torch
 import zoo
 
 import rewriter as rw
-from rewriter.masks import MaskSpec
-from rewriter.ops import reference_attention
+from rewriter.ir.masks import MaskSpec
+from rewriter.ir.ops import reference_attention
 
 TOL = 1e-5
 

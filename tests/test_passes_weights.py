@@ -60,8 +60,8 @@ def test_gqa_of_identical_kv_heads_is_exact(name, merge):
 
 
 def test_gqa_fit_never_loses_to_mean_on_calibration():
+    from rewriter.analysis.quality import calibration_loss
     from rewriter.api import calibration_batches
-    from rewriter.quality import calibration_loss
 
     entry = zoo.get("llama-eager")
     model = entry.build()

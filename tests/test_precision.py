@@ -1,4 +1,4 @@
-"""rewriter.precision: float64 re-runs that separate a wrong transform from fp32 rounding.
+"""rewriter.ir.precision: float64 re-runs that separate a wrong transform from fp32 rounding.
 
 Positive: a promoted graph computes in float64 throughout (its dtype constants and weights),
 equals the fp32 run to fp32 rounding, and an identity rewrite verifies at EXACT_TOLERANCE.
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import rewriter as rw
-import rewriter.ops  # noqa: F401  (registers torch.ops.rewriter.attention)
-from rewriter.patterns.graph import graph_module_over, tensor_aliases
-from rewriter.precision import EXACT_TOLERANCE, float64_module, rounding_noise, to_float64
+import rewriter.ir.ops  # noqa: F401  (registers torch.ops.rewriter.attention)
+from rewriter.ir.graph import graph_module_over, tensor_aliases
+from rewriter.ir.precision import EXACT_TOLERANCE, float64_module, rounding_noise, to_float64
 
 zoo = pytest.importorskip("zoo")
 

@@ -76,7 +76,7 @@ def test_smollm2_tied_embeddings_in_hf_checkpoint(smollm, tmp_path):
     one stored copy) with the program's logits, to within the program's fp32 noise."""
     from transformers import AutoModelForCausalLM
 
-    from rewriter.precision import rounding_noise
+    from rewriter.ir.precision import rounding_noise
 
     new = rw.rewrite(smollm.prog, "gqa:kv-heads=1,merge=mean")
     manifest = new.save(tmp_path / "out")

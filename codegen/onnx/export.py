@@ -22,7 +22,7 @@ import torch
 
 from rewriter.codegen.onnx.translate import plan, translations
 from rewriter.errors import RewriterError, first_line
-from rewriter.frontend import dynamic_shapes_for
+from rewriter.ir.export import dynamic_shapes_for
 
 TARGETS = ("onnx", "ort")
 OPSET = 23  # the first with the standard Attention op

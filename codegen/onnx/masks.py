@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript import opset23 as op
 
-from rewriter.masks import MaskSpec
+from rewriter.ir.masks import MaskSpec
 
 NEG_INF = float("-inf")
 

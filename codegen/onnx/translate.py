@@ -1,6 +1,6 @@
 """Translation of ``rewriter::attention`` into ONNX, one op choice per site.
 
-Shape glossary (as in rewriter.ops): q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv],
+Shape glossary (as in rewriter.ir.ops): q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv],
 out [B, Hq, Sq, Dv]; G = Hq // Hkv query heads per KV head. In a decoder
 (``rewriter::cached_attention``), k/v hold the S new tokens, past_key/past_value [B, Hkv, P, D]
 the cache, and the outputs add present_key/present_value [B, Hkv, P+S, D].
@@ -41,8 +41,8 @@ from rewriter.codegen.onnx.masks import (
     to_4d,
     zero_nan,
 )
-from rewriter.masks import MaskSpec
-from rewriter.ops import attention as _registers_ops  # noqa: F401  (torch.ops.rewriter.*)
+from rewriter.ir.masks import MaskSpec
+from rewriter.ir.ops import attention as _registers_ops  # noqa: F401  (torch.ops.rewriter.*)
 
 ATTENTION = torch.ops.rewriter.attention.default
 CACHED = torch.ops.rewriter.cached_attention.default

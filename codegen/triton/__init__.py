@@ -55,7 +55,7 @@ class TritonBackend:
         known); raises SpecError with the reason the generator cannot serve it."""
         import torch
 
-        from rewriter.masks import MaskSpec
+        from rewriter.ir.masks import MaskSpec
 
         sparsity = site.sparsity if sparsity is None else sparsity
         if site.num_kv_heads < 1 or site.num_heads % site.num_kv_heads:

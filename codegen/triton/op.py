@@ -1,6 +1,6 @@
 """``torch.ops.rewriter.attention_triton``: the canonical op's contract, run by a generated kernel.
 
-Same signature and semantics as ``rewriter::attention`` (see rewriter.ops). Registered with a
+Same signature and semantics as ``rewriter::attention`` (see rewriter.ir.ops). Registered with a
 fake implementation, so a compiled graph stays traceable and exportable. Forward only:
 autograd through it raises (compile for inference; train on the eager program).
 
@@ -15,7 +15,7 @@ import os
 import torch
 from torch import Tensor
 
-import rewriter.ops  # noqa: F401  (registers torch.ops.rewriter.attention)
+import rewriter.ir.ops  # noqa: F401  (registers torch.ops.rewriter.attention)
 from rewriter.errors import SpecError
 
 

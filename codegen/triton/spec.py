@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from rewriter.errors import SpecError
-from rewriter.masks import MaskSpec
+from rewriter.ir.masks import MaskSpec
 
 GENERATOR_VERSION = 1  # bump when the template changes: old cache entries are then unused
 MAX_HEAD_DIM = 256

@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_leaves
 
 import rewriter as rw
 from rewriter import onnx as rwonnx
-from rewriter.program import compare_outputs
+from rewriter.analysis.verify import compare_outputs
 
 pytest.importorskip("onnxruntime")
 zoo = pytest.importorskip("zoo")

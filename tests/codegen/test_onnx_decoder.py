@@ -152,8 +152,8 @@ class GreedyOracle:
     noise on them (max |fp32 - float64|, in logits)."""
 
     def __init__(self, program, tokens: torch.Tensor):
-        from rewriter.precision import float64_module
-        from rewriter.quality import logits_fn
+        from rewriter.analysis.quality import logits_fn
+        from rewriter.ir.precision import float64_module
 
         with torch.no_grad():
             self.exact = logits_fn(program, float64_module(program.module))(tokens)

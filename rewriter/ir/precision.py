@@ -20,7 +20,7 @@ from torch.fx import GraphModule
 from torch.fx.node import map_aggregate
 from torch.utils._pytree import tree_leaves, tree_map
 
-from rewriter.patterns.graph import copy_graph, graph_module_over
+from rewriter.ir.graph import copy_graph, graph_module_over
 
 __all__ = ["EXACT_TOLERANCE", "float64_module", "rounding_noise", "to_float64"]
 

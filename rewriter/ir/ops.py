@@ -17,7 +17,7 @@ Semantics, in this order::
     s = s.masked_fill(~attn_mask, -inf)        bool mask (True = attend)
     s = s.masked_fill(~causal, -inf)           if is_causal (top-left aligned, as in SDPA)
     s = s.masked_fill(~sparsity_mask, -inf)    if sparsity (a MaskSpec string, bottom-right
-                                               aligned: see rewriter.masks)
+                                               aligned: see rewriter.ir.masks)
     out = softmax(s, -1) @ v                   (a row with no key left gives zeros)
 
 Canonicalizing a model is an identity transform: the eager implementation defers to SDPA
@@ -101,7 +101,7 @@ def reference_attention(
 
 def sparsity_mask(sparsity: str, sq: int, sk: int, num_heads: int, device) -> Tensor:
     """[1, H or 1, Sq, Sk] bool keep-mask of a MaskSpec string."""
-    from rewriter.masks import MaskSpec
+    from rewriter.ir.masks import MaskSpec
 
     return MaskSpec.parse(sparsity).dense(sq, sk, num_heads, device=device).unsqueeze(0)
 
@@ -186,7 +186,7 @@ def cached_attention(
 
     present = cat(past, new) on the sequence axis; query i sits at position P+i and sees keys
     0..P+i (bottom-right causal), then ``sparsity`` and ``softcap`` as in ``attention``."""
-    from rewriter.masks import causal_mask
+    from rewriter.ir.masks import causal_mask
 
     present_key = torch.cat([past_key, k], dim=2)
     present_value = torch.cat([past_value, v], dim=2)

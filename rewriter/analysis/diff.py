@@ -1,6 +1,6 @@
 """Differences between two Programs: per-site attention changes and parameter changes.
 
-    from rewriter.diff import diff_programs
+    from rewriter.analysis.diff import diff_programs
     d = diff_programs(before, after)    # JSON-ready dict
 """
 

@@ -3,8 +3,8 @@ length, and KV-cache bytes per token."""
 
 from __future__ import annotations
 
-from rewriter.masks import MaskSpec, causal_mask
-from rewriter.site import AttentionSite
+from rewriter.ir.masks import MaskSpec, causal_mask
+from rewriter.ir.site import AttentionSite
 
 
 def is_causal_site(site: AttentionSite) -> bool:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch.utils._pytree import tree_leaves
 
-from rewriter.models import token_windows
+from rewriter.io.text import token_windows
 
 EVAL_OFFSET = 40_000  # tokens; calibration uses far fewer than this
 

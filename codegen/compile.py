@@ -22,11 +22,11 @@ BACKENDS = ("eager", "triton")
 
 def compile_program(program: Program, backend: str = "triton") -> Program:
     """A new Program whose canonical nodes run on ``backend`` where it can serve them."""
-    from rewriter.passes.base import canonical_nodes, clone_program
+    from rewriter.ir.graph import canonical_nodes
 
     if backend not in BACKENDS:
         raise SpecError(f"backend {backend!r}: unknown (allowed: {', '.join(BACKENDS)})")
-    new = clone_program(program)
+    new = program.clone()
     if backend == "eager":
         for site in new.sites:
             site.backend = "eager"

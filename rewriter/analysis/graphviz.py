@@ -6,7 +6,7 @@ projection (both ends included). ``before`` is taken from the captured graph (be
 canonicalization), ``after`` from the program's module; the canonical
 ``rewriter.attention`` node is highlighted, and so are the nodes of ``before`` it replaced.
 
-    from rewriter.graphviz import site_graphs, to_dot, to_html
+    from rewriter.analysis.graphviz import site_graphs, to_dot, to_html
     graphs = site_graphs(prog, 0)          # {"before": SiteGraph | None, "after": SiteGraph}
     text = to_dot(graphs)
 """
