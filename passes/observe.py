@@ -17,7 +17,7 @@ from rewriter.ir.graph import ATTENTION, copy_graph, graph_module_over
 from rewriter.passes.base import PassContext
 
 if TYPE_CHECKING:
-    from rewriter.program import Program
+    from rewriter.ir.program import GraphProgram as Program
 
 # (site, q, k, v, attn_mask, attrs) -> output
 Observer = Callable[[int, Tensor, Tensor, Tensor, "Tensor | None", dict], Tensor]

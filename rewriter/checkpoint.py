@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from rewriter.analysis.accounting import program_accounting
 from rewriter.errors import ModelLoadError, RewriterError, first_line
 from rewriter.io.atomic import atomic_directory
 from rewriter.io.hf import hf_expressible, write_hf
@@ -22,7 +23,7 @@ FORMAT_VERSION = 1
 
 
 def manifest_of(program, verification=None) -> dict:
-    acc = program.accounting()
+    acc = program_accounting(program.sites)
     return {
         "format": FORMAT_VERSION,
         "source": program.manifest.get("source"),
@@ -40,11 +41,19 @@ def manifest_of(program, verification=None) -> dict:
     }
 
 
-def save_program(program, path, *, force: bool = False, verification=None) -> dict:
+def save_program(program, path, *, force: bool = False, verification=None,
+                 onnx: str | None = None) -> dict:
+    """Write the directory ``path`` (see the module docstring); ``onnx``: also ``model.onnx``
+    for that target (rewriter.codegen.onnx), in the same atomic write. Returns the manifest."""
     path = Path(path)
     manifest = manifest_of(program, verification)
 
     def fill(tmp: Path) -> None:
+        if onnx is not None:
+            from rewriter.codegen.onnx.export import export_program  # imports onnx: on demand
+
+            rows = export_program(program, tmp / "model.onnx", onnx)
+            manifest["onnx"] = {"target": onnx, "path": "model.onnx", "sites": rows}
         shapes = dynamic_shapes_for(program.module, program.example_args,
                                     program.example_kwargs)
         with torch.no_grad():

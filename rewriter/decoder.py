@@ -89,6 +89,11 @@ class Decoder:
     def output_names(self) -> list[str]:
         return ["logits", *(e.output_name for e in self.cache)]
 
+    def example_inputs(self, batch: int = 2, seq: int = 5, past: int = 3
+                       ) -> list[torch.Tensor]:
+        """Inputs in the step's order: token ids [B, S], zero past tensors [B, Hkv, P, D]."""
+        return _example_inputs(self.module, batch, seq, past)
+
     def empty_cache(self, batch: int = 1, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """Zero-length past tensors [B, Hkv, 0, D], one per cache entry."""
         dtype = dtype or _param_dtype(self.module)
@@ -334,10 +339,6 @@ def _example_inputs(module: GraphModule, batch: int = 2, seq: int = 5, past: int
     return out
 
 
-def example_inputs(decoder: Decoder, batch: int = 2, seq: int = 5, past: int = 3
-                   ) -> list[torch.Tensor]:
-    """Inputs in the decoder's order: token ids [B, S] and zero past tensors [B, Hkv, P, D]."""
-    return _example_inputs(decoder.module, batch, seq, past)
 
 
 def _static_batch(module: GraphModule) -> int | None:

@@ -9,7 +9,7 @@
 
 Targets: "onnx" (standard ops, opset 23: runs anywhere) and "ort" (com.microsoft
 GroupQueryAttention / MultiHeadAttention where they express the site). Which op each site
-became, and why, is in program.manifest["onnx"] and in ``<path>.json``.
+became, and why, is returned and written to ``<path>.json``.
 
 Decoders with a KV cache (causal LMs; see rewriter.decoder):
 
@@ -26,10 +26,9 @@ GroupQueryAttention takes several new tokens after a non-empty cache only at bat
 from __future__ import annotations
 
 import os
-from typing import Any
 
-import numpy as np
-import torch
+from rewriter.codegen.ort.runtime import generate, run, session
+from rewriter.decoder import build_decoder
 
 __all__ = ["export_onnx", "generate", "run", "session"]
 
@@ -39,80 +38,8 @@ def export_onnx(program, path: str | os.PathLike, target: str = "onnx", *,
     """Export ``program`` to ``path`` (see rewriter.codegen.onnx.export.export_program);
     ``kv_cache``: as a decoder step with past/present key-value inputs and outputs (built and
     checked by rewriter.decoder.build_decoder, then export_decoder)."""
-    from rewriter.codegen.onnx.export import export_decoder, export_program
+    from rewriter.codegen.onnx.export import export_decoder, export_program  # imports onnx
 
     if kv_cache:
-        from rewriter.decoder import build_decoder
-
         return export_decoder(build_decoder(program), path, target, **options)
     return export_program(program, path, target, **options)
-
-
-def generate(sess, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Greedy decoding with a decoder exported with ``kv_cache=True``: the prompt [B, S]
-    followed by ``max_new_tokens`` tokens. The cache starts empty ([B, Hkv, 0, D], shapes
-    read from the session's inputs) and each step feeds back the present tensors."""
-    inputs = sess.get_inputs()
-    names = [i.name for i in inputs]
-    if len(names) < 2 or names[0] != "input_ids" \
-            or not all(n.startswith("past_") for n in names[1:]):
-        raise ValueError(f"not a decoder with a KV cache (inputs: {names}); export with "
-                         "kv_cache=True")
-    outputs = [o.name for o in sess.get_outputs()]
-    present = [outputs.index(n.replace("past_", "present_", 1)) for n in names[1:]]
-    batch = input_ids.shape[0]
-    past = [np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=_numpy_dtype(i.type))
-            for i in inputs[1:]]
-    step = _numpy(input_ids).astype(np.int64)
-    out = [step]
-    for _ in range(max_new_tokens):
-        results = sess.run(None, {"input_ids": step, **dict(zip(names[1:], past, strict=True))})
-        step = results[0][:, -1].argmax(-1)[:, None].astype(np.int64)
-        out.append(step)
-        past = [results[j] for j in present]
-    return torch.from_numpy(np.concatenate(out, axis=1))
-
-
-def _numpy_dtype(onnx_type: str):
-    """'tensor(float)' -> np.float32 (the types our exports use for the cache)."""
-    return {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-            "tensor(double)": np.float64}[onnx_type]
-
-
-def session(path: str | os.PathLike, *, threads: int | None = None,
-            providers: list[str] | None = None):
-    """An onnxruntime.InferenceSession (CPU by default; contrib ops need ONNX Runtime)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about unused initializers are noise here
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(os.fspath(path), options,
-                                providers=providers or ["CPUExecutionProvider"])
-
-
-def run(sess, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
-    """Run ``sess`` with the program's call convention: positional tensors fill the graph
-    inputs in order, keyword tensors go by name; non-tensor arguments (use_cache=False, ...)
-    were constants at export and are skipped. Returns the outputs as torch tensors."""
-    names = [i.name for i in sess.get_inputs()]
-    feed: dict[str, np.ndarray] = {}
-    positional = [a for a in args if _is_tensor(a)]
-    for name, value in zip(names, positional, strict=False):
-        feed[name] = _numpy(value)
-    for name, value in kwargs.items():
-        if _is_tensor(value) and name in names:
-            feed[name] = _numpy(value)
-    missing = [n for n in names if n not in feed]
-    if missing:
-        raise ValueError(f"missing ONNX inputs {missing} (graph inputs: {names})")
-    return [torch.from_numpy(np.asarray(o)) for o in sess.run(None, feed)]
-
-
-def _is_tensor(x) -> bool:
-    return isinstance(x, (torch.Tensor, np.ndarray))
-
-
-def _numpy(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

@@ -12,7 +12,7 @@ from rewriter.analysis.accounting import program_accounting
 from rewriter.analysis.render import sites_table
 from rewriter.analysis.verify import VerifyReport, compare_outputs
 from rewriter.checkpoint import save_program
-from rewriter.codegen.compile import compile_program
+from rewriter.codegen import compile_program
 from rewriter.decoder import build_decoder
 from rewriter.ir.precision import EXACT_TOLERANCE, float64_module, to_float64
 from rewriter.ir.program import GraphProgram
@@ -69,10 +69,12 @@ class Program(GraphProgram):
         checked against the program before it is returned."""
         return build_decoder(self)
 
-    def save(self, path, *, force: bool = False, verification: VerifyReport | None = None) -> dict:
+    def save(self, path, *, force: bool = False, verification: VerifyReport | None = None,
+             onnx: str | None = None) -> dict:
         """Write program.pt2 + manifest.json (+ hf/ where a transformers config expresses the
-        result) into the directory ``path``, atomically. Returns the manifest."""
-        return save_program(self, path, force=force, verification=verification)
+        result, + model.onnx for the ``onnx`` target) into the directory ``path``,
+        atomically. Returns the manifest."""
+        return save_program(self, path, force=force, verification=verification, onnx=onnx)
 
     def accounting(self, ctx: int = 1024) -> dict:
         """Attention density and FLOPs at ``ctx`` tokens, KV-cache bytes per token (bf16)."""

@@ -40,7 +40,7 @@ def manifest_path(path: str | os.PathLike) -> Path:
 def export_program(program, path: str | os.PathLike, target: str = "onnx", *,
                    decompose: bool = False, check: bool = True) -> list[dict]:
     """Write ``program`` as ONNX to ``path``; returns the per-site manifest rows
-    ({site, node, op, domain, reason}), also stored in program.manifest["onnx"].
+    ({site, node, op, domain, reason}), also written to ``<path>.json``.
 
     ``decompose``: standard ops only (MatMul/Softmax) instead of the opset-23 Attention op."""
     if target not in TARGETS:
@@ -49,9 +49,7 @@ def export_program(program, path: str | os.PathLike, target: str = "onnx", *,
     args, kwargs = tuple(program.example_args), dict(program.example_kwargs)
     model = _to_onnx(program.module, args, kwargs,
                      dynamic_shapes_for(program.module, args, kwargs), plans)
-    document = _write(model, path, target, plans, check)
-    program.manifest["onnx"] = {**document, "path": str(path)}
-    return document["sites"]
+    return _write(model, path, target, plans, check)["sites"]
 
 
 def export_decoder(decoder, path: str | os.PathLike, target: str = "onnx", *,
@@ -60,8 +58,6 @@ def export_decoder(decoder, path: str | os.PathLike, target: str = "onnx", *,
     outputs; returns the per-site manifest rows (the manifest JSON also lists the cache)."""
     from torch.export import Dim
 
-    from rewriter.decoder import example_inputs
-
     if target not in TARGETS:
         raise ExportError(f"unknown ONNX target {target!r} (allowed: {', '.join(TARGETS)})")
     plans = plan(decoder.module, decoder.sites_by_node, target, decompose)
@@ -69,13 +65,11 @@ def export_decoder(decoder, path: str | os.PathLike, target: str = "onnx", *,
     batch = None if decoder.static_batch else Dim("batch")
     seq, past = Dim("sequence"), Dim("past_sequence")
     shapes = ({0: batch, 1: seq}, *({0: batch, 2: past} for _ in decoder.cache))
-    model = _to_onnx(decoder.module, tuple(example_inputs(decoder)), {}, shapes, plans,
+    model = _to_onnx(decoder.module, tuple(decoder.example_inputs()), {}, shapes, plans,
                      names=(decoder.input_names, decoder.output_names))
     cache = [{"input": e.input_name, "output": e.output_name, "kv_heads": e.heads,
               "head_dim": e.head_dim, "sites": list(e.sites)} for e in decoder.cache]
-    document = _write(model, path, target, plans, check, cache=cache)
-    decoder.program.manifest["onnx_decoder"] = {**document, "path": str(path)}
-    return document["sites"]
+    return _write(model, path, target, plans, check, cache=cache)["sites"]
 
 
 def _write(model: onnx.ModelProto, path: str | os.PathLike, target: str, plans, check: bool,

@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
+import torch
+
+from rewriter.codegen.backend import compile_program, register_backend
+from rewriter.codegen.triton import cache
 from rewriter.codegen.triton.op import attention_triton
 from rewriter.codegen.triton.spec import KernelSpec
 from rewriter.errors import SpecError
+from rewriter.ir.masks import MaskSpec
 
 __all__ = ["BACKEND", "KernelSpec", "TritonBackend", "attention_triton", "triton_attention"]
 
@@ -28,23 +34,18 @@ def triton_attention(q, k, v, attn_mask=None, *, scale, is_causal=False, sparsit
 
 
 class TritonBackend:
-    """The backend contract: name, is_available(), supports(site) -> (ok, reason), emit()."""
+    """Generated kernels (the contract: rewriter.codegen.backend)."""
 
     name = "triton"
-    op = attention_triton
+    summary = "generated Triton flash-attention kernels, one per variant (GPU; forward only)"
+    op = torch.ops.rewriter.attention_triton.default
 
-    def is_available(self) -> bool:
-        """Triton importable and a CUDA device or TRITON_INTERPRET=1."""
-        return self.availability()[0]
-
-    def availability(self) -> tuple[bool, str]:
-        """(ok, reason) behind `is_available`."""
+    def available(self) -> tuple[bool, str]:
+        """Triton importable and a CUDA device, or TRITON_INTERPRET=1."""
         if importlib.util.find_spec("triton") is None:
             return False, "triton is not installed"
         if os.environ.get("TRITON_INTERPRET") == "1":
             return True, "TRITON_INTERPRET=1 (interpreter: slow, for testing)"
-        import torch
-
         if torch.cuda.is_available():
             return True, f"CUDA device {torch.cuda.get_device_name()}"
         return False, "no CUDA device (set TRITON_INTERPRET=1 to run kernels on the CPU)"
@@ -53,10 +54,6 @@ class TritonBackend:
                     is_causal: bool | None = None, softcap: float | None = None) -> KernelSpec:
         """The specialization a site needs (keywords: what the graph says about the call, where
         known); raises SpecError with the reason the generator cannot serve it."""
-        import torch
-
-        from rewriter.ir.masks import MaskSpec
-
         sparsity = site.sparsity if sparsity is None else sparsity
         if site.num_kv_heads < 1 or site.num_heads % site.num_kv_heads:
             raise SpecError(f"{site.num_heads} query heads over {site.num_kv_heads} KV heads")
@@ -80,11 +77,14 @@ class TritonBackend:
             return False, str(exc)
         return True, ""
 
-    def emit(self, spec: KernelSpec):
-        """Write (or find) the kernel source for ``spec``; returns its path."""
-        from rewriter.codegen.triton import cache
+    def lower_site(self, site, **call) -> dict:
+        """Write (or find) the site's kernel source; the record names it."""
+        spec = self.kernel_spec(site, **call)
+        cache.emit(spec)
+        return {"kernel": spec.name, "key": spec.key, "inference_only": True}
 
-        return cache.emit(spec)
+    def runner(self, program, workdir: Path):  # noqa: ARG002  (kernels live in the cache)
+        return compile_program(program, self.name).module
 
 
-BACKEND = TritonBackend()
+BACKEND = register_backend(TritonBackend())

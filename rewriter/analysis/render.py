@@ -37,5 +37,5 @@ def variant_label(site: AttentionSite) -> str:
 
 def backend_label(site: AttentionSite) -> str:
     """The backend, with the reason when a site fell back from the one asked for."""
-    fallback = [n.split(":", 1)[1].strip() for n in site.notes if n.startswith("triton fallback")]
+    fallback = [n.split(":", 1)[1].strip() for n in site.notes if " fallback:" in n]
     return f"{site.backend} ({fallback[0]})" if fallback else site.backend
