@@ -13,7 +13,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 from rewriter.codegen.onnx.translate import plan, translations
 from rewriter.errors import RewriterError, first_line
+from rewriter.io.atomic import atomic_file
 from rewriter.ir.export import dynamic_shapes_for
 
 TARGETS = ("onnx", "ort")
@@ -80,10 +80,10 @@ def _write(model: onnx.ModelProto, path: str | os.PathLike, target: str, plans, 
         onnx.checker.check_model(model)
     rows = [p.to_dict() for p in plans]
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, model.SerializeToString())
+    atomic_file(path, model.SerializeToString())
     document = {"target": target, "opset": OPSET, "inputs": [i.name for i in model.graph.input],
                 "outputs": [o.name for o in model.graph.output], "sites": rows, **extra}
-    _atomic_write(manifest_path(path), json.dumps(document, indent=2).encode())
+    atomic_file(manifest_path(path), json.dumps(document, indent=2).encode())
     return document
 
 
@@ -119,17 +119,3 @@ def _root_cause(exc: BaseException) -> str:
         exc = exc.__cause__
     first = first_line(exc) if str(exc).strip() else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename over ``path``: a reader
-    never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

@@ -44,6 +44,11 @@ class GraphProgram:
             self._original = self._original()
         return self._original
 
+    @property
+    def has_original(self) -> bool:
+        """False for a program loaded from disk (its pre-canonicalization graph is not saved)."""
+        return self._original is not None
+
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
