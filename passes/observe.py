@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from rewriter.ir.graph import ATTENTION, copy_graph, graph_module_over
+from rewriter.ir.graph import canonical_nodes, copy_graph, graph_module_over
 from rewriter.passes.base import PassContext
 
 if TYPE_CHECKING:
@@ -44,8 +44,8 @@ def instrumented(program: Program) -> torch.nn.Module:
     gm = program.module
     graph = copy_graph(gm)
     index = {site.node: site.index for site in program.sites}
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target is ATTENTION and node.name in index:
+    for node in canonical_nodes(graph).values():
+        if node.name in index:
             node.target = observed_attention
             node.kwargs = {**node.kwargs, "site": index[node.name]}
     return graph_module_over(gm, graph)

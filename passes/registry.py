@@ -100,3 +100,4 @@ def variants_markdown() -> str:
         usage = ", ".join(f"`{u}`" for u in v.usage).replace("|", "\\|")
         rows.append(f"| {usage} | {v.summary} |")
     return "\n".join(rows) + "\n"
+

@@ -64,10 +64,11 @@ def best_runs(cost: torch.Tensor, num_runs: int) -> list[list[int]]:
     return runs[::-1]
 
 
-@variant("share-kv", KEYS, "later layers of each run reuse the first layer's K/V; their k/v "
-         "projections go away and they add nothing to the KV cache")
+# decorators apply bottom-up: share-kv registers (and lists) first
 @variant("share-attn", KEYS, "later layers of each run reuse the first layer's attention "
          "probabilities; their q/k projections go away")
+@variant("share-kv", KEYS, "later layers of each run reuse the first layer's K/V; their k/v "
+         "projections go away and they add nothing to the KV cache")
 class SharePass:
     """share-kv (what="kv") and share-attn (what="attn")."""
 

@@ -27,12 +27,12 @@ from torch.fx import GraphModule, Node
 from rewriter.errors import RewriterError
 from rewriter.ir.graph import Emitter, concrete, fetch_attr
 from rewriter.patterns.graph import shape
-from rewriter.patterns.layout import apply_node, chain_down, iota, is_layout
+from rewriter.patterns.layout import apply_node, iota, is_layout
 from rewriter.patterns.projections import (
-    is_projection,
-    is_scalar_rescale,
-    positional_unit,
+    InputWalk,
+    output_projection,
     projection_input,
+    walk_to_projection,
 )
 
 aten = torch.ops.aten
@@ -55,27 +55,11 @@ class InputChain:
 
 def trace_input(operand: Node) -> InputChain:
     """Walk from a canonical operand back to its projection; check what can be rebuilt."""
-    units: list[tuple[Node, Node]] = []
-    rescales: list[Node] = []
-    path = [operand]
-    node = operand
-    while not is_projection(node):
-        if is_layout(node):
-            node = node.args[0]
-        elif is_scalar_rescale(node):
-            rescales.append(node)
-            node = node.args[0]
-        else:
-            unit = positional_unit(node)
-            if unit is None:
-                raise SurgeryError(f"{operand.name} is not a projection followed by layout ops "
-                                   f"and positional transforms ({node.name} is neither)")
-            units.append((node, unit[0]))
-            node = unit[0]
-        path.append(node)
-    projection = node
-    path.reverse()
-    units.reverse()
+    walk = walk_to_projection(operand)
+    if walk.projection is None:
+        raise SurgeryError(f"{operand.name} is not a projection followed by layout ops "
+                           f"and positional transforms ({walk.stopped.name} is neither)")
+    projection, units = walk.projection, [(out, inp) for out, inp, _ in walk.units]
     for out, inp in units:
         if tuple(shape(inp)) != tuple(shape(out)) or len(shape(out)) != 4:
             raise SurgeryError(f"positional transform {out.name} is not applied in [B, H, S, D]")
@@ -88,19 +72,16 @@ def trace_input(operand: Node) -> InputChain:
             lead = concrete(shape(source))[:-1]
     if len(lead) != 2:
         raise SurgeryError(f"projection {projection.name} reads a rank-{len(lead) + 1} input")
-    token_perm = _token_perm(path, units, rescales, tuple(lead))
-    return InputChain(projection, source, token_perm, units, rescales)
+    token_perm = _token_perm(walk, tuple(lead))
+    return InputChain(projection, source, token_perm, units, walk.rescales)
 
 
-def _token_perm(path: list[Node], units, rescales, lead: tuple[int, int]) -> tuple[int, ...]:
+def _token_perm(walk: InputWalk, lead: tuple[int, int]) -> tuple[int, ...]:
     """Which of the source's two leading dims is the batch and which the sequence."""
-    passthrough = {out for out, _ in units} | set(rescales)
-    index = iota(path[0])
-    for n in path[1:]:
-        index = index if n in passthrough else apply_node(n, index)
+    index = walk.index()
     if index.dim() != 4:
         raise SurgeryError("operand is not 4-D")
-    feature = concrete(shape(path[0]))[-1]
+    feature = concrete(shape(walk.projection))[-1]
     token = index // feature  # flat token id in the projection output's leading dims
     l0, l1 = token // lead[1], token % lead[1]
     b = torch.arange(index.shape[0]).view(-1, 1, 1, 1).expand_as(index)
@@ -195,12 +176,12 @@ class OutputChain:
 
 def trace_output(canonical: Node) -> OutputChain:
     """From the canonical node's result through the head merge to the output projection."""
-    down = chain_down(canonical)
-    last = down[-1]
-    users = list(last.users)
-    if len(users) != 1 or not is_projection(users[0]) or projection_input(users[0]) is not last:
+    found = output_projection(canonical)
+    if found is None:
         raise SurgeryError(f"the output of {canonical.name} does not reach an output projection "
                            "through layout ops only")
+    projection, down = found
+    last = down[-1]
     dims = concrete(shape(canonical))
     index = iota(canonical)
     for n in down[1:]:
@@ -214,14 +195,14 @@ def trace_output(canonical: Node) -> OutputChain:
         candidates = {(0, 2, 1, 3): b * dims[2] + s, (2, 0, 1, 3): s * dims[0] + b}
         for perm, token in candidates.items():
             if torch.equal(token, row):
-                return OutputChain(users[0], last, perm, True)
+                return OutputChain(projection, last, perm, True)
     else:
         l0 = torch.arange(index.shape[0]).view(-1, 1, 1).expand_as(index)
         l1 = torch.arange(index.shape[1]).view(1, -1, 1).expand_as(index)
         if torch.equal(b, l0) and torch.equal(s, l1):
-            return OutputChain(users[0], last, (0, 2, 1, 3), False)
+            return OutputChain(projection, last, (0, 2, 1, 3), False)
         if torch.equal(s, l0) and torch.equal(b, l1):
-            return OutputChain(users[0], last, (2, 0, 1, 3), False)
+            return OutputChain(projection, last, (2, 0, 1, 3), False)
     raise SurgeryError("cannot tell batch from sequence in the output projection's input")
 
 

@@ -115,6 +115,62 @@ def _make_projection(node: Node, features: tuple[tuple[int, ...], ...],
 
 
 @dataclass
+class InputWalk:
+    """The way back from a canonical operand to the projection that produced it, through
+    layout ops, constant rescales (pre-scaled q) and positional transforms (RoPE)."""
+
+    projection: Node | None  # None: the walk stopped at ``stopped``
+    path: list[Node]  # projection (or ``stopped``) ... operand
+    rescales: list[Node]
+    units: list[tuple[Node, Node, str]]  # positional (output, input, kind), projection side first
+    stopped: Node | None = None
+
+    @property
+    def positional(self) -> str:
+        """The positional kinds met, operand side first ("none" when none)."""
+        return "+".join(kind for _, _, kind in reversed(self.units)) or "none"
+
+    def index(self) -> torch.Tensor:
+        """Ids of projection-output elements as they arrive at the operand (value-preserving
+        steps, the rescales and positional transforms, pass ids through unchanged)."""
+        passthrough = {out for out, _, _ in self.units} | set(self.rescales)
+        index = iota(self.path[0])
+        for n in self.path[1:]:
+            index = index if n in passthrough else apply_node(n, index)
+        return index
+
+
+def walk_to_projection(operand: Node) -> InputWalk:
+    """Walk back from ``operand`` to its projection (see InputWalk)."""
+    path, rescales, units = [operand], [], []
+    node = operand
+    while not is_projection(node):
+        if is_layout(node):
+            node = node.args[0]
+        elif is_scalar_rescale(node):
+            rescales.append(node)
+            node = node.args[0]
+        else:
+            unit = positional_unit(node)
+            if unit is None:
+                return InputWalk(None, path[::-1], rescales, units[::-1], stopped=node)
+            units.append((node, unit[0], unit[1]))
+            node = unit[0]
+        path.append(node)
+    return InputWalk(node, path[::-1], rescales, units[::-1])
+
+
+def output_projection(node: Node) -> tuple[Node, list[Node]] | None:
+    """The projection that reads ``node`` through layout ops only (a head merge), and that
+    chain (``node`` first); None when something else reads it."""
+    down = chain_down(node)
+    users = list(down[-1].users)
+    if len(users) != 1 or not is_projection(users[0]) or projection_input(users[0]) is not down[-1]:
+        return None
+    return users[0], down
+
+
+@dataclass
 class ProjectionTrace:
     projection: Projection | None
     positional: str
@@ -124,29 +180,12 @@ class ProjectionTrace:
 
 def trace_input_projection(operand: Operand) -> ProjectionTrace:
     """Walk from a canonical q/k/v operand back to the projection that produced it."""
-    path: list[Node] = [operand.node]
-    positional = "none"
-    passthrough: set[Node] = set()
-    node = operand.node
-    while not is_projection(node):
-        if is_layout(node):
-            node = node.args[0]
-        elif is_scalar_rescale(node):
-            passthrough.add(node)  # q pre-scaled by a constant (the scale lives on)
-            node = node.args[0]
-        else:
-            unit = positional_unit(node)
-            if unit is None:
-                return ProjectionTrace(None, positional, None,
-                                       f"{node.name} is neither a layout op nor a projection")
-            passthrough.add(node)
-            positional = unit[1] if positional == "none" else f"{positional}+{unit[1]}"
-            node = unit[0]
-        path.append(node)
-    path.reverse()  # projection ... operand
-    index = iota(path[0])
-    for n in path[1:]:
-        index = index if n in passthrough else apply_node(n, index)
+    walk = walk_to_projection(operand.node)
+    positional, path = walk.positional, walk.path
+    if walk.projection is None:
+        return ProjectionTrace(None, positional, None,
+                               f"{walk.stopped.name} is neither a layout op nor a projection")
+    index = walk.index()
     for step in operand.steps:
         index = step.apply(index)
     features = _features_by_head(index, concrete(shape(path[0])))
@@ -173,11 +212,10 @@ def trace_output_projection(output: Node, canonical_dims: tuple, out_steps) -> P
 
     ``canonical_dims`` is the concrete [B, H, Sq, Dv] of the core's result and ``out_steps`` the
     layout steps that turn it into ``output``'s layout."""
-    down = chain_down(output)
-    last = down[-1]
-    users = list(last.users)
-    if len(users) != 1 or not is_projection(users[0]) or projection_input(users[0]) is not last:
+    found = output_projection(output)
+    if found is None:
         return None
+    projection, down = found
     b, h, s, d = canonical_dims
     index = torch.arange(b * h * s * d).view(b, h, s, d)
     for step in out_steps:
@@ -195,7 +233,7 @@ def trace_output_projection(output: Node, canonical_dims: tuple, out_steps) -> P
         cols = (head[0] == hh).nonzero().flatten()
         order = chan[0, cols].argsort()
         features.append(tuple(int(c) for c in cols[order]))
-    return _make_projection(users[0], tuple(features), output=True)
+    return _make_projection(projection, tuple(features), output=True)
 
 
 def _rows_equal(t: torch.Tensor) -> bool:

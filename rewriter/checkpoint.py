@@ -16,7 +16,7 @@ from rewriter.io.atomic import atomic_directory
 from rewriter.io.hf import hf_expressible, write_hf
 from rewriter.io.inputs import load_inputs, save_inputs
 from rewriter.ir.export import dynamic_shapes_for, strip_runtime_asserts
-from rewriter.ir.graph import ATTENTION, fetch_attr, set_attr, tensor_aliases
+from rewriter.ir.graph import canonical_nodes, fetch_attr, set_attr, tensor_aliases
 from rewriter.ir.site import AttentionSite
 
 FORMAT_VERSION = 1
@@ -100,8 +100,7 @@ def read_saved(path) -> dict:
     strip_runtime_asserts(module)
     retie(module, manifest.get("tied", []), path)
     sites = [AttentionSite.from_dict(d) for d in manifest["sites"]]
-    canonical = [n for n in module.graph.nodes if n.op == "call_function"
-                 and n.target is ATTENTION]
+    canonical = list(canonical_nodes(module).values())
     if len(canonical) != len(sites):
         raise ModelLoadError(f"{path}: manifest lists {len(sites)} sites, graph has "
                              f"{len(canonical)}")

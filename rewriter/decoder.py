@@ -30,14 +30,13 @@ from torch.utils._pytree import tree_leaves
 
 from rewriter.analysis.quality import logits_fn
 from rewriter.errors import RewriterError
-from rewriter.ir.graph import copy_graph
+from rewriter.ir.graph import canonical_nodes, copy_graph
 from rewriter.ir.ops import attention as _attention_op  # noqa: F401  (registers the ops)
 from rewriter.ir.precision import EXACT_TOLERANCE, float64_module
 
 __all__ = ["CacheEntry", "Decoder", "DecoderError", "build_decoder", "greedy_reference"]
 
 aten = torch.ops.aten
-ATTENTION = torch.ops.rewriter.attention.default
 CACHED = torch.ops.rewriter.cached_attention.default
 _ARANGE = (aten.arange.default, aten.arange.start, aten.arange.start_step)
 _CAUSAL_MASKS = ("causal", "causal-mask")
@@ -135,7 +134,7 @@ def build_decoder(program, *, check: bool = True) -> Decoder:
     _check_sites(program)
     graph = copy_graph(program.module)
     ids = _token_input(graph)
-    canonical = [n for n in graph.nodes if n.op == "call_function" and n.target is ATTENTION]
+    canonical = list(canonical_nodes(graph).values())
     if not canonical:
         raise DecoderError("the program has no rewriter::attention nodes (compiled for a "
                            "backend?): build the decoder from the program before compile()")

@@ -173,8 +173,10 @@ def cleanup(gm: GraphModule, recompile: bool = True) -> None:
         gm.recompile()
 
 
-def canonical_nodes(gm: GraphModule) -> dict[str, Node]:
-    return {n.name: n for n in gm.graph.nodes if n.op == "call_function" and n.target is ATTENTION}
+def canonical_nodes(graph: Graph | GraphModule) -> dict[str, Node]:
+    """The canonical ``rewriter::attention`` nodes by name, in graph order."""
+    graph = graph.graph if isinstance(graph, GraphModule) else graph
+    return {n.name: n for n in graph.nodes if n.op == "call_function" and n.target is ATTENTION}
 
 
 def remove_unused_attributes(gm: GraphModule) -> int:
