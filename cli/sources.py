@@ -9,6 +9,9 @@ A saved directory has no tokenizer of its own. ``rewriter convert`` records wher
 came from in the manifest (``before.model``); `tokenizer_for_saved` reloads the tokenizer from
 ``hf/`` when it was written, else from that source (a zoo name or a path), so ``eval`` and a
 text ``--calib`` work on converted checkpoints too.
+
+`open_model` turns any of them into a Program (loading or capturing it); `load_model` is the
+checkpoint half, module-level so tests can replace it.
 """
 
 from __future__ import annotations
@@ -20,12 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import typer
+
 from rewriter.errors import ModelLoadError, RewriterError
 
 if TYPE_CHECKING:
+    import torch
+
+    from rewriter.cli.progress import Reporter
     from rewriter.program import Program
 
 FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+EXAMPLE_BATCH = 2  # token windows in the example inputs a model is captured with
 
 
 @dataclass
@@ -130,3 +139,63 @@ def need_tokenizer(program: Program, what: str) -> Any:
                             "program whose source model cannot be found, or a factory that "
                             "returns a bare module): pass a zoo name or model directory")
     return program.tokenizer
+
+
+@dataclass
+class ModelInputs:
+    """A loaded model and the example inputs it is captured with."""
+
+    name: str
+    model: torch.nn.Module
+    args: tuple
+    kwargs: dict
+    tokenizer: Any = None
+
+
+def load_model(model: str, seq_len: int, batch: int = EXAMPLE_BATCH, *,
+               trust_pickle: bool = False) -> ModelInputs:
+    """`rewriter.models.load` plus example inputs built from real text."""
+    from rewriter import models
+
+    loaded = models.load(model, trust_pickle=trust_pickle)
+    try:
+        args, kwargs = loaded.example_inputs(seq_len, batch=batch)
+    except ValueError as exc:  # the text is shorter than the inputs asked for
+        raise typer.BadParameter(str(exc), param_hint="--seq-len") from exc
+    return ModelInputs(loaded.name, loaded.model, args, kwargs, loaded.tokenizer)
+
+
+def open_model(model: str, seq_len: int, reporter: Reporter, *, trust_pickle: bool = False,
+               require_attention: bool = True) -> Program:
+    """The Program that MODEL names: loaded from a saved directory, or captured from a zoo
+    name, HF directory, GGUF file or factory."""
+    import rewriter as rw
+    from rewriter import models
+
+    source = classify(model)
+    if source.kind == "saved":
+        with reporter.step(f"loading {model}"):
+            # torch.export.load finds transformers' output classes (CausalLMOutputWithPast,
+            # ...) in pytree's registry only once their module is imported.
+            import transformers.modeling_outputs  # noqa: F401
+
+            program = rw.load(model)
+            program.tokenizer = tokenizer_for_saved(Path(model), program.manifest)
+        return program
+    if source.kind == "factory":
+        with reporter.step(f"building {model}"):
+            made = call_factory(model)
+        if isinstance(made, models.LoadedModel):
+            inputs = ModelInputs(made.name, made.model,
+                                 *made.example_inputs(seq_len, EXAMPLE_BATCH), made.tokenizer)
+        else:
+            inputs = ModelInputs(model, *made)
+    else:
+        with reporter.step(f"loading {model}"):
+            inputs = load_model(model, seq_len, trust_pickle=trust_pickle)
+    with reporter.step(f"capturing {inputs.name} (seq-len {seq_len})"):
+        program = rw.capture(inputs.model, inputs.args, inputs.kwargs,
+                             require_attention=require_attention)
+    program.tokenizer = inputs.tokenizer
+    program.manifest["source"] = source.reference
+    return program

@@ -1,6 +1,6 @@
 """Decoders with a KV cache: a captured causal LM turned into a step function.
 
-    dec = rw.decoder(program)                  # or rewriter.decoder.build_decoder(program)
+    dec = program.decoder()                    # or rewriter.decoder.build_decoder(program)
     logits, present = dec.step(ids, dec.empty_cache(batch=1))
     tokens = dec.generate(prompt_ids, max_new_tokens=32)    # greedy, with the cache
 

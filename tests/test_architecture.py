@@ -56,3 +56,15 @@ def test_an_upward_import_is_caught(site, tmp_path):
     result = lint(broken)
     assert result.returncode != 0
     assert "rewriter.ir.masks -> rewriter.program" in result.stdout
+
+
+def test_every_package_is_installed():
+    """pyproject lists every package folder (a wheel would otherwise lack it)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = set()
+    for package, source in config["package-dir"].items():
+        for init in (ROOT / source).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / source)
+            found.add(".".join([package, *rel.parts]))
+    assert found <= listed, f"not in [tool.setuptools] packages: {sorted(found - listed)}"

@@ -13,9 +13,9 @@ import torch
 from cli_factories import SoftmaxMLP
 from typer.testing import CliRunner
 
-import rewriter.cli.app as cli
+import rewriter.cli.sources as sources
 from rewriter.cli.app import app
-from rewriter.errors import ModelLoadError, NoAttentionError
+from rewriter.errors import ModelLoadError, NoAttentionError, SpecError
 
 MINILM = "minilm-l6"
 MINILM_LAYERS = 6
@@ -61,6 +61,74 @@ def test_version(runner):
     assert result.stdout.strip() == f"rewriter {rewriter.__version__}"
 
 
+def test_help_does_not_import_torch():
+    """Building every command's help imports none of torch, transformers, onnx."""
+    code = """
+import contextlib, io, sys
+from rewriter.cli.app import app
+for argv in (["--help"], *([c, "--help"] for c in
+             ("inspect", "export", "convert", "eval", "demo", "variants"))):
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            app(argv, prog_name="rewriter")
+        except SystemExit as exc:
+            assert exc.code == 0, (argv, exc.code)
+print(sorted(m for m in ("torch", "transformers", "onnx") if m in sys.modules))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_convert_help_points_to_variants(runner):
+    result = runner.invoke(app, ["convert", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "rewriter variants" in result.stdout
+
+
+def test_variants_lists_the_registry(runner):
+    from rewriter.passes import VARIANTS
+
+    result = runner.invoke(app, ["variants"])
+    assert result.exit_code == 0, result.output
+    for v in VARIANTS.values():
+        for line in v.usage:
+            assert line in result.stdout.splitlines()
+        assert " ".join(v.summary.split()[:4]) in " ".join(result.stdout.split())
+
+
+def test_variants_json(runner):
+    from rewriter.passes import VARIANTS
+
+    result = runner.invoke(app, ["variants", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)["variants"]
+    assert [v["name"] for v in doc] == list(VARIANTS)
+    for row in doc:
+        assert row["usage"] == list(VARIANTS[row["name"]].usage)
+        assert row["summary"] == VARIANTS[row["name"]].summary
+        assert set(row["keys"]) == set(VARIANTS[row["name"]].keys)
+
+
+def test_backend_and_target_choices_match_the_registries(runner):
+    """The static metavars in --help (no torch at help time) list what the registries hold."""
+    from rewriter.cli import options
+    from rewriter.codegen import BACKENDS
+    from rewriter.codegen.onnx.export import TARGETS
+
+    assert set(options.BACKEND_METAVAR.split("|")) == set(BACKENDS)
+    assert set(options.backend_names()) == set(BACKENDS)
+    assert set(options.ONNX_TARGET_METAVAR.split("|")) == set(TARGETS)
+    assert set(options.onnx_targets()) == set(TARGETS)
+    result = runner.invoke(app, ["eval", "x", "--backend", "tpu"])
+    assert_one_line_error(result, SpecError.exit_code, "--backend 'tpu'")
+    assert all(name in result.stderr for name in BACKENDS)
+    result = runner.invoke(app, ["export", "x", "--target", "tflite", "--out", "m.onnx"])
+    assert_one_line_error(result, SpecError.exit_code, "--target 'tflite'")
+    assert all(name in result.stderr for name in TARGETS)
+
+
 def test_seq_len_must_be_positive(runner):
     result = runner.invoke(app, ["inspect", MINILM, "--seq-len", "0"])
     assert result.exit_code == 2
@@ -91,11 +159,12 @@ def test_text_file_named_gguf(runner, tmp_path):
 
 @pytest.fixture
 def no_attention_model(monkeypatch):
-    def fake_load(model: str, seq_len: int, batch: int = cli.EXAMPLE_BATCH, **_):
+    def fake_load(model: str, seq_len: int, batch: int = sources.EXAMPLE_BATCH, **_):
         torch.manual_seed(0)
-        return cli.ModelInputs("mlp", SoftmaxMLP().eval(), (torch.randn(batch, seq_len, 8),), {})
+        return sources.ModelInputs("mlp", SoftmaxMLP().eval(), (torch.randn(batch, seq_len, 8),),
+                                   {})
 
-    monkeypatch.setattr(cli, "load_model", fake_load)
+    monkeypatch.setattr(sources, "load_model", fake_load)
 
 
 def test_no_attention(runner, no_attention_model):

@@ -47,3 +47,13 @@ def program_accounting(sites: list[AttentionSite], ctx: int = 1024,
         "kv_cache_bytes_per_token": sum(r["kv_bytes_per_token"] for r in rows),
         "sites": rows,
     }
+
+
+def program_facts(program) -> dict:
+    """Sites, parameters, KV-cache bytes per token and attention density (at 1024 tokens) of a
+    Program: what a conversion's manifest records about the model it started from."""
+    acc = program_accounting(program.sites)
+    return {"sites": [s.to_dict() for s in program.sites],
+            "parameters": program.parameter_count(),
+            "kv_cache_bytes_per_token": acc["kv_cache_bytes_per_token"],
+            "attention_density_at_1024": acc["attention_density"]}

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch.utils._pytree import tree_leaves
 
+from rewriter.errors import RewriterError
 from rewriter.io.text import token_windows
 
 EVAL_OFFSET = 40_000  # tokens; calibration uses far fewer than this
@@ -21,10 +22,21 @@ def eval_windows(tokenizer, ctx: int, count: int, text: str | None = None) -> to
     return token_windows(tokenizer, ctx, count, text=text, offset=0 if text else EVAL_OFFSET)
 
 
-def logits_fn(program, module: torch.nn.Module | None = None
+def held_out_windows(tokenizer, ctx: int, count: int, text: str | None = None) -> torch.Tensor:
+    """`eval_windows`, with a one-line RewriterError when the text is too short for them."""
+    try:
+        return eval_windows(tokenizer, ctx, count, text=text)
+    except ValueError as exc:
+        raise RewriterError(f"not enough text for {count} windows of {ctx} tokens: "
+                            f"{exc}") from None
+
+
+def logits_fn(program, module: Callable | None = None
               ) -> Callable[[torch.Tensor], torch.Tensor]:
     """ids [B, S] -> logits [B, S, V] through a Program (or anything with call_with_tokens),
-    run by its own module or by ``module`` (the same graph in another precision)."""
+    run by its own module or by ``module``: anything with the program's call convention (the
+    same graph in another precision, a backend's `rewriter.codegen.runner`) that returns an
+    output with ``logits``, the logits tensor, or a sequence whose first element they are."""
     module = program.module if module is None else module
 
     def run(ids: torch.Tensor) -> torch.Tensor:
@@ -67,6 +79,16 @@ def perplexity(fn: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor
             if progress:
                 progress(i + 1, len(windows))
     return math.exp(total / count)
+
+
+def perplexity_change(before, after, ctx: int, windows: int, text: str | None = None) -> dict:
+    """Perplexity of two programs (a conversion's before and after) on the same ``windows``
+    windows of ``ctx`` tokens, read with ``before``'s tokenizer from ``text`` or the held-out
+    default: what a converted checkpoint's manifest records as ``quality``."""
+    ids = held_out_windows(before.tokenizer, ctx, windows, text=text)
+    ppl = [perplexity(logits_fn(p), ids) for p in (before, after)]
+    return {"perplexity": ppl, "windows": windows, "ctx": ctx,
+            "text": "given text" if text else "pydoc_data.topics (held out)"}
 
 
 def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,57 @@
+"""``rewriter export``: a model to ONNX, optionally as a decoder step with a KV cache."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from rewriter.cli.errors import user_errors
+from rewriter.cli.options import (
+    DEFAULT_SEQ_LEN,
+    ONNX_TARGET_METAVAR,
+    JsonOpt,
+    ModelArg,
+    SeqLenOpt,
+    TrustPickleOpt,
+    check_choice,
+    onnx_targets,
+)
+from rewriter.cli.progress import Reporter
+from rewriter.cli.render import onnx_ops, quiet_onnx, stderr_console
+from rewriter.cli.sources import open_model
+
+
+def export(
+    model: ModelArg,
+    out: Annotated[str, typer.Option("--out", "-o", metavar="PATH",
+                                     help="Where to write the .onnx file (a PATH.json manifest "
+                                     "is written next to it).")],
+    target: Annotated[str, typer.Option(
+        "--target", metavar=ONNX_TARGET_METAVAR,
+        help="onnx: standard ops (opset 23); ort: ONNX Runtime contrib ops "
+        "(GroupQueryAttention, MultiHeadAttention) where they express the site.")] = "onnx",
+    kv_cache: Annotated[bool, typer.Option(
+        "--kv-cache", help="Export a decoder step: past_key_N/past_value_N inputs and "
+        "present_key_N/present_value_N outputs (causal LMs; checked against the model "
+        "before export).")] = False,
+    trust_pickle: TrustPickleOpt = False,
+    seq_len: SeqLenOpt = DEFAULT_SEQ_LEN,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export MODEL (a checkpoint, zoo name or saved program) to ONNX with dynamic batch and
+    sequence axes."""
+    with user_errors(), Reporter(stderr_console()) as rep:
+        check_choice(target, onnx_targets(), "--target")
+        prog = open_model(model, seq_len, rep, trust_pickle=trust_pickle)
+        quiet_onnx()
+        what = "decoder with KV cache" if kv_cache else "model"
+        with rep.step(f"exporting the {what} to {out} (target {target})"):
+            rows = prog.export_onnx(out, target, kv_cache=kv_cache)
+    if as_json:
+        typer.echo(json.dumps({"model": model, "path": out, "target": target,
+                               "kv_cache": kv_cache, "sites": rows}, indent=2))
+        return
+    typer.echo(f"wrote {out}: {len(rows)} attention sites ({onnx_ops(rows)})"
+               + (", with a KV cache" if kv_cache else ""))
