@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from rewriter.errors import SpecError
 from rewriter.ir.graph import canonical_nodes, cleanup, remove_unused_attributes
 from rewriter.ir.program import GraphProgram as Program
 
@@ -27,8 +28,6 @@ class PassContext:
             self.progress(task, done, total)
 
     def batches(self, program: Program) -> list[tuple[tuple, dict]]:
-        from rewriter.errors import SpecError
-
         if callable(self.calibration):
             self.calibration = self.calibration()
         if not self.calibration:

@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_leaves
 
 from rewriter.analysis.quality import logits_fn
 from rewriter.errors import RewriterError
-from rewriter.ir.graph import canonical_nodes, copy_graph
+from rewriter.ir.graph import canonical_nodes, cleanup, copy_graph
 from rewriter.ir.ops import attention as _attention_op  # noqa: F401  (registers the ops)
 from rewriter.ir.precision import EXACT_TOLERANCE, float64_module
 
@@ -129,8 +129,6 @@ def build_decoder(program, *, check: bool = True) -> Decoder:
     """The program as a decoder step with a KV cache; raises DecoderError when the program is
     not a causal LM of causal self-attention sites, or when the decoder does not reproduce the
     program (``check``: prefill of a prompt plus one step against one full forward)."""
-    from rewriter.ir.graph import cleanup
-
     _check_sites(program)
     graph = copy_graph(program.module)
     ids = _token_input(graph)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from rewriter.errors import ModelLoadError, first_line
+from rewriter.frontend import capture
 from rewriter.io.quiet import quiet_tqdm
 from rewriter.io.text import token_windows
 
@@ -56,8 +57,6 @@ class LoadedModel:
 
     def capture(self, seq_len: int = 16, batch: int = 2, **kwargs):
         """Capture on real-text inputs; the Program keeps the tokenizer for calibration."""
-        from rewriter.frontend import capture
-
         args, kw = self.example_inputs(seq_len, batch)
         program = capture(self.model, args, kw, **kwargs)
         program.tokenizer = self.tokenizer

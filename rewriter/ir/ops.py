@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rewriter.ir.masks import MaskSpec, causal_mask
+
 __all__ = ["attention", "cached_attention", "reference_attention", "reference_probs"]
 
 
@@ -101,8 +103,6 @@ def reference_attention(
 
 def sparsity_mask(sparsity: str, sq: int, sk: int, num_heads: int, device) -> Tensor:
     """[1, H or 1, Sq, Sk] bool keep-mask of a MaskSpec string."""
-    from rewriter.ir.masks import MaskSpec
-
     return MaskSpec.parse(sparsity).dense(sq, sk, num_heads, device=device).unsqueeze(0)
 
 
@@ -186,8 +186,6 @@ def cached_attention(
 
     present = cat(past, new) on the sequence axis; query i sits at position P+i and sees keys
     0..P+i (bottom-right causal), then ``sparsity`` and ``softcap`` as in ``attention``."""
-    from rewriter.ir.masks import causal_mask
-
     present_key = torch.cat([past_key, k], dim=2)
     present_value = torch.cat([past_value, v], dim=2)
     keep = causal_mask(q.shape[2], present_key.shape[2]).to(q.device)
