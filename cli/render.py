@@ -4,7 +4,6 @@ the consoles they go to. Progress and errors go to stderr (rewriter.cli.progress
 from __future__ import annotations
 
 import json
-import logging
 import textwrap
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -15,7 +14,7 @@ import typer
 from rich.console import Console
 
 from rewriter.cli.sources import EXAMPLE_BATCH
-from rewriter.errors import RewriterError, SpecError
+from rewriter.errors import SpecError
 
 if TYPE_CHECKING:
     from rewriter.program import Program
@@ -29,14 +28,6 @@ def stdout_width() -> int:
     """The terminal's width, or 160 columns when stdout is piped (tables stay unwrapped)."""
     out = Console()
     return out.width if out.is_terminal else 160
-
-
-def quiet_onnx() -> None:
-    """torch.onnx warns that torchvision is missing; torch's logging setup resets levels at
-    import, so this runs just before an export."""
-    import torch  # noqa: F401
-
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,30 +90,18 @@ def print_site(prog: Program, index: int, as_json: bool) -> None:
 
 
 def render_site(prog: Program, index: int, fmt: str, out: Path | None) -> None:
-    """DOT / SVG / HTML of one site's subgraph before and after canonicalization, on stdout
-    or written atomically to ``out``."""
+    """One site's subgraph (rewriter.analysis.graphviz.render_site) on stdout, or written
+    atomically to ``out``."""
     from rewriter.analysis import graphviz
     from rewriter.io.atomic import atomic_file
 
     checked_site(prog, index)
-    graphs = graphviz.site_graphs(prog, index)
-    title = f"site {index}: {prog.sites[index].module_path or 'attention'}"
-    dot = graphviz.to_dot(graphs, title)
-    if fmt == "dot":
-        text = dot
-    elif fmt == "svg":
-        if not graphviz.dot_available():
-            raise RewriterError("--graph svg needs graphviz's `dot` on PATH; use --graph html "
-                                "(a self-contained page) or --graph dot")
-        text = graphviz.to_svg(dot)
-    else:
-        svg = graphviz.to_svg(dot) if graphviz.dot_available() else None
-        text = graphviz.to_html(graphs, title, svg)
+    text, nodes = graphviz.render_site(prog, index, fmt)
     if out is None:
         typer.echo(text, nl=False)
         return
     atomic_file(out, text)
-    typer.echo(f"wrote {out} ({fmt}, {sum(len(g.nodes) for g in graphs.values() if g)} nodes)")
+    typer.echo(f"wrote {out} ({fmt}, {nodes} nodes)")
 
 
 def print_diff(name_a: str, name_b: str, a: Program, b: Program, as_json: bool) -> None:

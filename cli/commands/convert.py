@@ -26,7 +26,7 @@ from rewriter.cli.options import (
     read_text,
 )
 from rewriter.cli.progress import Reporter
-from rewriter.cli.render import conversion_report, quiet_onnx, stderr_console
+from rewriter.cli.render import conversion_report, stderr_console
 from rewriter.cli.sources import classify, need_tokenizer, open_model
 from rewriter.errors import SpecError
 
@@ -89,8 +89,6 @@ def convert(
                 with rep.step(f"perplexity before and after ({windows} x {ctx} tokens)"):
                     after.manifest["quality"] = perplexity_change(before, after, ctx, windows)
         after.manifest["timings"] = dict(rep.timings)
-        if onnx is not None:
-            quiet_onnx()
         with rep.step(f"saving {out}" + (f" with model.onnx (target {onnx})" if onnx else "")):
             manifest = after.save(out, force=force, verification=report, onnx=onnx)
 

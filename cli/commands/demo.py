@@ -13,7 +13,7 @@ import typer
 from rewriter.cli.errors import user_errors
 from rewriter.cli.options import DEFAULT_SEQ_LEN, CtxOpt, ForceOpt, WindowsOpt
 from rewriter.cli.progress import Reporter
-from rewriter.cli.render import conversion_report, quiet_onnx, sites_line, stderr_console
+from rewriter.cli.render import conversion_report, sites_line, stderr_console
 from rewriter.cli.sources import classify, need_tokenizer, open_model
 
 DEMO_MODEL = "smollm2-135m"
@@ -68,7 +68,6 @@ def demo(
             after.manifest["quality"] = quality.perplexity_change(before, after, ctx, windows)
         with tempfile.TemporaryDirectory(prefix="rewriter-demo-") as tmp:
             target = out or Path(tmp) / "converted"
-            quiet_onnx()
             with rep.step(f"saving {target} with model.onnx (target onnx)"):
                 manifest = after.save(target, force=force, verification=report, onnx="onnx")
             with rep.step("running model.onnx in ONNX Runtime"):

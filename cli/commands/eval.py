@@ -25,7 +25,7 @@ from rewriter.cli.options import (
     read_text,
 )
 from rewriter.cli.progress import Reporter
-from rewriter.cli.render import quiet_onnx, stderr_console
+from rewriter.cli.render import stderr_console
 from rewriter.cli.sources import need_tokenizer, open_model
 from rewriter.errors import RewriterError
 
@@ -60,7 +60,6 @@ def eval_(
         ids = quality.held_out_windows(tokenizer, ctx, windows, text=body)
         with tempfile.TemporaryDirectory(prefix="rewriter-eval-") as tmp:
             with rep.step(f"preparing the {backend} backend"):
-                quiet_onnx()  # a backend may export the program (ort does)
                 try:
                     fn = quality.logits_fn(prog, runner(prog, backend, Path(tmp)))
                 except RewriterError:

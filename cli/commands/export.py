@@ -19,7 +19,7 @@ from rewriter.cli.options import (
     onnx_targets,
 )
 from rewriter.cli.progress import Reporter
-from rewriter.cli.render import onnx_ops, quiet_onnx, stderr_console
+from rewriter.cli.render import onnx_ops, stderr_console
 from rewriter.cli.sources import open_model
 
 
@@ -45,7 +45,6 @@ def export(
     with user_errors(), Reporter(stderr_console()) as rep:
         check_choice(target, onnx_targets(), "--target")
         prog = open_model(model, seq_len, rep, trust_pickle=trust_pickle)
-        quiet_onnx()
         what = "decoder with KV cache" if kv_cache else "model"
         with rep.step(f"exporting the {what} to {out} (target {target})"):
             rows = prog.export_onnx(out, target, kv_cache=kv_cache)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -87,13 +88,26 @@ def _write(model: onnx.ModelProto, path: str | os.PathLike, target: str, plans, 
     return document
 
 
+@contextlib.contextmanager
+def _log_level(name: str, level: int):
+    logger = logging.getLogger(name)
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
 def _to_onnx(module, args: tuple, kwargs: dict, shapes, plans, *,
              names: tuple[list[str], list[str]] | None = None) -> onnx.ModelProto:
     """torch.onnx.export with our translations; ``names`` renames the graph inputs and
     outputs (the exporter names them after FX nodes)."""
     table = translations(plans)
-    # torch.onnx prints progress lines and warnings; keep a library call quiet.
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    # torch.onnx prints progress lines, warnings and log records (torchvision missing); keep
+    # a library call quiet.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), \
+            _log_level("torch.onnx", logging.ERROR):
         warnings.simplefilter("ignore")
         try:
             onnx_program = torch.onnx.export(

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rewriter.errors import RewriterError
+
 CANONICAL = "rewriter.attention"
 MAX_NODES = 400
 
@@ -225,3 +227,24 @@ def to_html(graphs: dict[str, SiteGraph | None], title: str = "site",
             f"<h1>{html.escape(title)}</h1><p>Highlighted: the canonical "
             f"<code>{CANONICAL}</code> node (after) and the nodes it replaced (before).</p>"
             f"<main>{''.join(body)}</main></body></html>\n")
+
+
+def render_site(program, index: int, fmt: str = "html") -> tuple[str, int]:
+    """Site ``index``'s subgraph before and after canonicalization as ``fmt`` ("dot", "svg"
+    (needs graphviz's ``dot``) or "html": self-contained, laid out by graphviz where it is
+    installed, else by its own layout); returns (text, number of nodes drawn)."""
+    graphs = site_graphs(program, index)
+    title = f"site {index}: {program.sites[index].module_path or 'attention'}"
+    dot = to_dot(graphs, title)
+    if fmt == "dot":
+        text = dot
+    elif fmt == "svg":
+        if not dot_available():
+            raise RewriterError("--graph svg needs graphviz's `dot` on PATH; use --graph html "
+                                "(a self-contained page) or --graph dot")
+        text = to_svg(dot)
+    elif fmt == "html":
+        text = to_html(graphs, title, to_svg(dot) if dot_available() else None)
+    else:
+        raise RewriterError(f"graph format {fmt!r}: allowed dot, svg, html")
+    return text, sum(len(g.nodes) for g in graphs.values() if g)
