@@ -44,13 +44,13 @@ def causal_keep(q, k):
 
 def causal_keep_bottom_right(q, k, sk=None):
     """[1, 1, Sq, Sk]: key j visible from query i when j <= i + Sk - Sq (a query after a
-    cache of Sk - Sq tokens; rewriter.masks.causal_mask)."""
+    cache of Sk - Sq tokens; rewriter.ir.masks.causal_mask)."""
     q_pos, offset, k_pos = positions(q, k, sk)
     return op.Unsqueeze(op.LessOrEqual(k_pos, op.Add(q_pos, offset)), const([0, 1]))
 
 
 def sparsity_keep(spec: MaskSpec, q, k, sk=None):
-    """[1, Hs, Sq, Sk]: the MaskSpec predicate (rewriter.masks.MaskSpec.mask_mod), bottom-right
+    """[1, Hs, Sq, Sk]: the MaskSpec predicate (rewriter.ir.masks.MaskSpec.mask_mod), bottom-right
     aligned: query i sits at position i + Sk - Sq."""
     q_pos, offset, k_pos = positions(q, k, sk)
     dist = op.Sub(op.Add(q_pos, offset), k_pos)  # [Sq, Sk]
