@@ -1,6 +1,6 @@
 """Quality measures for variants: perplexity on held-out text, embedding similarity.
 
-Calibration reads the first tokens of the text (rewriter.models.token_windows, offset 0);
+Calibration reads the first tokens of the text (rewriter.io.text.token_windows, offset 0);
 evaluation windows start at ``EVAL_OFFSET`` tokens, so the two never overlap."""
 
 from __future__ import annotations
