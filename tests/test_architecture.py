@@ -68,3 +68,12 @@ def test_every_package_is_installed():
             rel = init.parent.relative_to(ROOT / source)
             found.add(".".join([package, *rel.parts]))
     assert found <= listed, f"not in [tool.setuptools] packages: {sorted(found - listed)}"
+
+
+if __name__ == "__main__":  # the contract report: .venv/bin/python tests/test_architecture.py
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = lint(installed_layout(Path(tmp)))
+        print(report.stdout, report.stderr, sep="", end="")
+        sys.exit(report.returncode)
