@@ -30,7 +30,7 @@ def installed_layout(target: Path) -> Path:
 
 
 def lint(site: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(LINT), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+    return subprocess.run([str(LINT), str(ROOT / "pyproject.toml"), "--no-cache"],
                           cwd=site, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
                           capture_output=True, text=True, timeout=300)
 
