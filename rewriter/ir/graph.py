@@ -123,11 +123,6 @@ def graph_module_over(gm: GraphModule, graph: Graph,
     return module
 
 
-def copy_graph_module(gm: GraphModule) -> GraphModule:
-    """A new GraphModule with its own graph, sharing parameters."""
-    return graph_module_over(gm, copy_graph(gm))
-
-
 class Emitter:
     """Creates call_function nodes with their fake values, before a given node."""
 
