@@ -24,7 +24,6 @@ import torch
 from rewriter.analysis.quality import is_language_model
 from rewriter.errors import SpecError
 from rewriter.ir.graph import cleanup
-from rewriter.ir.ops import reference_attention
 from rewriter.ir.specs import Key, Spec, choice
 from rewriter.passes.base import PassContext, PassResult
 from rewriter.passes.heads import rebuild_site, site_heads
@@ -187,8 +186,7 @@ def gradient_scores(program, ctx: PassContext) -> dict[int, torch.Tensor]:
     totals = {i: torch.zeros(len(g), dtype=torch.float64) for i, g in gates.items()}
 
     def observer(site, q, k, v, attn_mask, attrs):
-        # The reference math is differentiable (the canonical op has no autograd formula).
-        out = reference_attention(q, k, v, attn_mask, **attrs)
+        out = default_output(q, k, v, attn_mask, attrs)  # the canonical op has gradients
         return out * gates[site].view(1, -1, 1, 1).to(out.dtype)
 
     module = instrumented(program)

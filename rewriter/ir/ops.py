@@ -34,7 +34,8 @@ from torch import Tensor
 
 from rewriter.ir.masks import MaskSpec, causal_mask
 
-__all__ = ["attention", "cached_attention", "reference_attention", "reference_probs"]
+__all__ = ["attention", "attention_grads", "cached_attention", "reference_attention",
+           "reference_probs"]
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -203,3 +204,74 @@ def _cached_attention_fake(q, k, v, past_key, past_value, *, scale, sparsity="",
     present_value = past_value.new_empty(
         (*v.shape[:2], past_value.shape[2] + v.shape[2], v.shape[3]))
     return q.new_empty((*q.shape[:-1], v.shape[-1])), present_key, present_value
+
+
+# --- gradients --------------------------------------------------------------------------------
+# The canonical ops train: their backward is the reference math's, written out so that a row
+# with no key left (probabilities all zero) gets zero gradients instead of NaNs.
+
+
+def attention_grads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, grad_out: Tensor,
+                    *, scale: float, is_causal: bool = False, sparsity: str = "",
+                    softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(dq, dk, dv, dmask) of ``attention`` for the output gradient ``grad_out`` [B, Hq, Sq, Dv];
+    dmask is None unless the mask is a float (additive) mask, then it has the mask's shape."""
+    group = q.shape[1] // k.shape[1]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    kk = k.repeat_interleave(group, dim=1).to(acc) if group > 1 else k.to(acc)
+    vv = v.repeat_interleave(group, dim=1).to(acc) if group > 1 else v.to(acc)
+    p = reference_probs(q, k, attn_mask, scale=scale, is_causal=is_causal, sparsity=sparsity,
+                        softcap=softcap)  # [B, Hq, Sq, Sk]
+    go = grad_out.to(acc)
+    dv = p.transpose(-1, -2) @ go  # [B, Hq, Sk, Dv]
+    dp = go @ vv.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))  # softmax backward; zero where p is zero
+    dmask = None
+    if attn_mask is not None and attn_mask.is_floating_point():
+        dmask = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+    if softcap > 0:
+        raw = (q.to(acc) @ kk.transpose(-1, -2)) * scale
+        ds = ds * (1 - torch.tanh(raw / softcap) ** 2)
+    dq = (ds @ kk) * scale
+    dk = (ds.transpose(-1, -2) @ q.to(acc)) * scale
+    if group > 1:  # query heads of one group read the same KV head: their gradients add up
+        dk = dk.unflatten(1, (k.shape[1], group)).sum(2)
+        dv = dv.unflatten(1, (v.shape[1], group)).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
+
+
+def _attention_setup(ctx, inputs, keyword_only_inputs, output):
+    q, k, v, attn_mask = inputs
+    ctx.attrs = dict(keyword_only_inputs)
+    ctx.save_for_backward(q, k, v, attn_mask)
+
+
+def _attention_backward(ctx, grad_out):
+    q, k, v, attn_mask = ctx.saved_tensors
+    return attention_grads(q, k, v, attn_mask, grad_out, **ctx.attrs)
+
+
+attention.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def _cached_setup(ctx, inputs, keyword_only_inputs, output):
+    ctx.attrs = dict(keyword_only_inputs)
+    ctx.save_for_backward(*inputs)
+
+
+def _cached_backward(ctx, grad_out, grad_key, grad_value):
+    q, k, v, past_key, past_value = ctx.saved_tensors
+    keys, values = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
+    if grad_out is None:
+        grad_out = torch.zeros((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+    keep = causal_mask(q.shape[2], keys.shape[2]).to(q.device)
+    dq, dk, dv, _ = attention_grads(q, keys, values, keep, grad_out, **ctx.attrs)
+    if grad_key is not None:
+        dk = dk + grad_key
+    if grad_value is not None:
+        dv = dv + grad_value
+    past = past_key.shape[2]
+    return dq, dk[:, :, past:], dv[:, :, past:], dk[:, :, :past], dv[:, :, :past]
+
+
+cached_attention.register_autograd(_cached_backward, setup_context=_cached_setup)
