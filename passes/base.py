@@ -17,18 +17,29 @@ if TYPE_CHECKING:
 
 @dataclass
 class PassContext:
-    """What passes may use besides the program: calibration data and a progress callback."""
+    """What passes may use besides the program: calibration data, a progress callback and the
+    teacher (the program before any rewrite, which `heal` trains toward)."""
 
     # batches, each (args, kwargs) ready to call the module; or a factory, called on first use
-    calibration: list | Callable[[], list] | None = None
-    progress: Callable[[str, int, int], None] | None = None  # (task, done, total)
+    # with the number of batches wanted (None: the default few)
+    calibration: list | Callable[..., list] | None = None
+    # (task, done, total), and status="..." (e.g. a running loss) when a pass has one
+    progress: Callable[..., None] | None = None
+    teacher: Program | None = None
 
-    def report(self, task: str, done: int, total: int) -> None:
+    def report(self, task: str, done: int, total: int, status: str = "") -> None:
         if self.progress is not None:
-            self.progress(task, done, total)
+            if status:
+                self.progress(task, done, total, status=status)
+            else:
+                self.progress(task, done, total)
 
-    def batches(self, program: Program) -> list[tuple[tuple, dict]]:
+    def batches(self, program: Program, count: int | None = None) -> list[tuple[tuple, dict]]:
+        """The calibration batches; ``count`` asks a default source for that many (a list the
+        user gave is returned as it is)."""
         if callable(self.calibration):
+            if count is not None:
+                return self.calibration(count)
             self.calibration = self.calibration()
         if not self.calibration:
             raise SpecError("this variant needs calibration data: pass calibration=[batches] "
@@ -66,9 +77,17 @@ def lint(program: Program) -> None:
                                  f"site says {site.num_kv_heads}")
 
 
+def is_rewritten(program: Program) -> bool:
+    return any(p.get("changed") for p in program.manifest.get("passes", []))
+
+
 def run_passes(program: Program, passes: Iterable[tuple[Pass, Spec]],
                ctx: PassContext) -> Program:
-
+    """Run each pass, clean and lint after it, and record it in the manifest. The teacher is
+    the program before any rewrite: this one, or the one it was rewritten from in this
+    process (a program loaded from disk has none)."""
+    if ctx.teacher is None:
+        ctx.teacher = program.teacher if is_rewritten(program) else program
     for pass_, spec in passes:
         before = program.parameter_count()
         result = pass_.run(program, ctx)
@@ -79,4 +98,5 @@ def run_passes(program: Program, passes: Iterable[tuple[Pass, Spec]],
         lint(program)
         program.manifest.setdefault("passes", []).append(
             {"spec": str(spec), "changed": result.changed, **result.counts})
+        program.teacher = ctx.teacher
     return program

@@ -14,6 +14,8 @@ merge=fit   (default) training-free and calibrated; alignment maps are folded in
             to all heads at a position). Without RoPE, a PCA basis as for values.
   Per site, fit is kept only if it reconstructs the attention output on calibration data
   better than mean (so fit never loses to mean there).
+  Calibrated merges run layer by layer (rewriter.passes.sequential): a site's statistics come
+  from the inputs the already merged layers produce, so each fit also absorbs upstream error.
 grouping=similarity groups KV heads whose keys/values are most alike (query heads follow).
 
 Shape glossary: H query heads, Hkv KV heads, N new KV heads, g = H / Hkv, D head dim,
@@ -39,8 +41,9 @@ from rewriter.passes.heads import (
     rebuild_site,
     site_heads,
 )
-from rewriter.passes.observe import calibrate, default_output
+from rewriter.passes.observe import default_output
 from rewriter.passes.registry import variant
+from rewriter.passes.sequential import Sequential
 from rewriter.passes.surgery import nodes_between, trace_input
 
 KEYS = {
@@ -77,65 +80,99 @@ class GqaPass:
             raise SpecError(f"spec {self.spec}: kv-heads={n} must divide every site's query "
                             f"and KV heads (valid: {', '.join(map(str, sorted(valid)))})")
         todo = {s.index for s in program.sites if s.num_kv_heads != n}
-        calibrated = self.spec.params["merge"] == "fit" or \
-            self.spec.params["grouping"] == "similarity"
-        acts = self._activations(program, ctx, todo) if calibrated else {}
+        fit = self.spec.params["merge"] == "fit"
+        calibrated = fit or self.spec.params["grouping"] == "similarity"
         before = sum(s.kv_cache_bytes_per_token() for s in program.sites)
-        program, chosen = self._convert(source, todo, acts, fit=self.spec.params["merge"] == "fit")
+        if calibrated:
+            program, chosen, acts = self._sequential(source, todo, ctx, fit)
+        else:
+            program, acts = self._convert(source, todo, {}, fit=False), {}
+            chosen = {i: "mean" for i in sorted(todo)}
         counts: dict = {"kv_heads": n}
         if "fit" in chosen.values():
             # Keep the fitted merge only if it also wins end to end on the calibration data.
-            mean, mean_chosen = self._convert(source, todo, acts, fit=False)
+            mean = self._convert(source, todo, acts, fit=False)
             batches = ctx.batches(source)
             loss_fit = calibration_loss(program, source, batches)
             loss_mean = calibration_loss(mean, source, batches)
             counts["calibration_loss"] = {"fit": loss_fit, "mean": loss_mean}
             if loss_mean < loss_fit:
-                program, chosen = mean, mean_chosen
+                program, chosen = mean, {i: "mean" for i in chosen}
         after = sum(s.kv_cache_bytes_per_token() for s in program.sites)
         counts.update(merge=chosen, kv_cache_bytes_per_token=[before, after])
         return PassResult(program, bool(todo), counts)
 
     def _convert(self, source, todo: set[int], acts: dict, fit: bool):
+        """``source`` with every site in ``todo`` merged (statistics from ``acts``)."""
         program = source.clone()
-        n = self.spec.params["kv-heads"]
-        chosen = {}
         for site in program.sites:
-            if site.index not in todo:
-                continue
-            heads = site_heads(program.module, site)
-            groups = self._groups(site, n, acts.get(site.index))
-            order = [h for grp in groups for h in grp]  # KV heads, group by group
-            size, g = len(order) // n, site.kv_group
-            q_order = [h * g + i for h in order for i in range(g)]
-            d, dv = heads["k"].weight.shape[1], heads["v"].weight.shape[1]
-            plans = [mean_plan(size, d, dv) for _ in range(n)]
-            chosen[site.index] = "mean"
-            if fit and acts.get(site.index):
-                a = acts[site.index]["batches"]
-                k_act, v_act, q_act = _flat(a, "k"), _flat(a, "v"), _flat(a, "q")
-                keys = key_fit_kind(program, site)
-                fitted = [fit_plan(k_act[grp], v_act[grp],
-                                   q_act.view(site.num_kv_heads, g, *q_act.shape[1:])[grp], keys)
-                          for grp in (torch.tensor(gr) for gr in groups)]
-                err_fit = reconstruction_error(acts[site.index], order, fitted, g)
-                err_mean = reconstruction_error(acts[site.index], order, plans, g)
-                if err_fit <= err_mean:
-                    plans, chosen[site.index] = fitted, "fit"
-            merged = apply_plans(heads["q"].select(q_order), heads["k"].select(order),
-                                 heads["v"].select(order), heads["o"].select(q_order), plans, g)
-            rebuild_site(program, site, merged, query_heads=q_order)
+            if site.index in todo:
+                self._convert_site(program, site, acts.get(site.index), fit)
         # the old projections read parameters that now have new shapes: drop them before running
         cleanup(program.module)
-        return program, chosen
+        return program
+
+    def _sequential(self, source, todo: set[int], ctx: PassContext, fit: bool):
+        """Merge layer by layer (rewriter.passes.sequential): the statistics of a site are
+        collected on the inputs that the already merged layers before it produce, so each fit
+        also absorbs the error upstream. Returns (program, merge chosen per site, statistics)."""
+        program = source.clone()
+        batches = ctx.batches(source)
+        seq = Sequential(program.module, program.sites)
+        envs = [seq.start(a, k) for a, k in batches]
+        acts: dict[int, dict] = {}
+        chosen: dict[int, str] = {}
+        by_index = {s.index: s for s in program.sites}
+        layers = sorted({seq.segment_of_site[i] for i in todo})
+        with torch.no_grad():
+            for i in range(len(seq)):
+                here = sorted(s for s in todo if seq.segment_of_site[s] == i)
+                if here:
+                    observer = self._observer(set(here), acts)
+                    for env in envs:
+                        seq.run(env, i, observe=observer)
+                    for index in here:
+                        chosen[index] = self._convert_site(program, by_index[index],
+                                                           acts.get(index), fit)
+                    cleanup(program.module)
+                    seq = Sequential(program.module, program.sites)
+                    ctx.report(f"{self.spec}: layer by layer", layers.index(i) + 1, len(layers))
+                envs = [seq.run(env, i)[0] for env in envs]
+        return program, chosen, acts
+
+    def _convert_site(self, program, site, acts, fit: bool) -> str:
+        """Merge one site's KV heads in place; returns "fit" or "mean", whichever
+        reconstructs its attention output better on ``acts`` (mean without statistics)."""
+        n = self.spec.params["kv-heads"]
+        heads = site_heads(program.module, site)
+        groups = self._groups(site, n, acts)
+        order = [h for grp in groups for h in grp]  # KV heads, group by group
+        g = site.kv_group
+        q_order = [h * g + i for h in order for i in range(g)]
+        d, dv = heads["k"].weight.shape[1], heads["v"].weight.shape[1]
+        plans = [mean_plan(len(order) // n, d, dv) for _ in range(n)]
+        chosen = "mean"
+        if fit and acts:
+            a = acts["batches"]
+            k_act, v_act, q_act = _flat(a, "k"), _flat(a, "v"), _flat(a, "q")
+            keys = key_fit_kind(program, site)
+            fitted = [fit_plan(k_act[grp], v_act[grp],
+                               q_act.view(site.num_kv_heads, g, *q_act.shape[1:])[grp], keys)
+                      for grp in (torch.tensor(gr) for gr in groups)]
+            if reconstruction_error(acts, order, fitted, g) <= \
+                    reconstruction_error(acts, order, plans, g):
+                plans, chosen = fitted, "fit"
+        merged = apply_plans(heads["q"].select(q_order), heads["k"].select(order),
+                             heads["v"].select(order), heads["o"].select(q_order), plans, g)
+        rebuild_site(program, site, merged, query_heads=q_order)
+        return chosen
 
     # --- calibration statistics -------------------------------------------------------
 
-    def _activations(self, program, ctx: PassContext, wanted: set[int]) -> dict:
-        """Per site: q [H, T, D], k [Hkv, T, D], v [Hkv, T, Dv] (post-positional, as the core
-        sees them) and the per-head attention output [H, T, Dv], over up to
-        MAX_CALIBRATION_TOKENS query tokens (the core runs on the full sequences)."""
-        stats: dict[int, dict] = {}
+    def _observer(self, wanted: set[int], stats: dict):
+        """An observer recording, per site in ``wanted``: q [B, H, S, D], k, v [B, Hkv, S, D]
+        (post-positional, as the core sees them), the mask, the attributes and the per-head
+        attention output, over up to MAX_CALIBRATION_TOKENS query tokens."""
 
         def observer(site, q, k, v, attn_mask, attrs):
             out = default_output(q, k, v, attn_mask, attrs)
@@ -148,8 +185,7 @@ class GqaPass:
                                              "out": out.float()})
             return out
 
-        calibrate(program, ctx, observer, f"{self.spec}: activations")
-        return stats
+        return observer
 
     def _groups(self, site, n: int, acts) -> list[list[int]]:
         size = site.num_kv_heads // n

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from rewriter.analysis.quality import EVAL_OFFSET
 from rewriter.checkpoint import read_saved
 from rewriter.errors import SpecError
 from rewriter.frontend import capture
@@ -46,21 +47,33 @@ def rewrite(
         if args is None and kwargs is None:
             raise TypeError("rewrite(model, ...) needs args= and/or kwargs= to capture with")
         program = capture(model_or_program, args or (), kwargs)
-    ctx = PassContext(calibration=lambda: calibration_batches(program, calibration),
-                      progress=progress)
+    ctx = PassContext(
+        calibration=lambda count=None: calibration_batches(program, calibration,
+                                                           batches=count or 4),
+        progress=progress)
     return run_passes(program, passes, ctx)
 
 
 def calibration_batches(program: Program, calibration: Any, *, seq_len: int = 512,
                         batches: int = 4, batch_size: int = 1) -> list[tuple[tuple, dict]]:
-    """Normalize calibration input to (args, kwargs) calls of program.module."""
+    """Normalize calibration input to (args, kwargs) calls of program.module. From text,
+    ``batches`` windows of ``seq_len`` tokens, or as many as the text holds (the default text
+    stops before the held-out evaluation windows)."""
     if calibration is None or isinstance(calibration, str):
         if program.tokenizer is None:
             raise SpecError("this variant needs calibration data: pass calibration= token "
                             "batches, or capture through rewriter.models.load so the "
                             "tokenizer is known")
-        ids = token_windows(program.tokenizer, seq_len, batches * batch_size,
-                            text=calibration, offset=0)
+        want = batches * batch_size
+        if calibration is None:
+            want = min(want, EVAL_OFFSET // seq_len)
+        try:
+            ids = token_windows(program.tokenizer, seq_len, want, text=calibration, offset=0)
+        except ValueError:  # a short text: every whole window it has
+            ids = _all_windows(program.tokenizer, seq_len, calibration)
+            if not len(ids):
+                raise SpecError(f"the calibration text is shorter than one window of {seq_len} "
+                                "tokens") from None
         calibration = list(ids.split(batch_size))
     out = []
     for batch in calibration:
@@ -72,6 +85,12 @@ def calibration_batches(program: Program, calibration: Any, *, seq_len: int = 51
             a, k = batch
             out.append((tuple(a), dict(k)))
     return out
+
+
+def _all_windows(tokenizer, seq_len: int, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    count = len(ids) // seq_len
+    return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
 
 
 def load(path: str | Path) -> Program:

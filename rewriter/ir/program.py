@@ -33,6 +33,8 @@ class GraphProgram:
         self.manifest = manifest or {}
         self.tokenizer = tokenizer  # set when captured from a loaded checkpoint
         self.hf_config = None  # the transformers config of the captured model, if any
+        # the program before any rewrite (kept in memory, not saved): what `heal` distills from
+        self.teacher: GraphProgram | None = None
 
     @property
     def original(self) -> GraphModule:
@@ -96,4 +98,5 @@ class GraphProgram:
                            example_kwargs=self.example_kwargs,
                            manifest=copy.deepcopy(self.manifest), tokenizer=self.tokenizer)
         clone.hf_config = self.hf_config
+        clone.teacher = self.teacher
         return clone

@@ -1,0 +1,351 @@
+"""``heal``: train a rewritten program back toward the program before the rewrite (the teacher).
+
+    heal[:tokens=N|steps=N|minutes=M][,objective=local|kd|local+kd]
+        [,params=rewritten|attention|lora:R][,lr=X][,seed=N]
+
+objective
+  local     layer by layer, through the sequential engine (rewriter.passes.sequential): each
+            layer block holding a healed site trains until what it hands on (the residual
+            stream) matches the teacher's block run on the *same* inputs (relative squared
+            error); the next block then sees the healed block's outputs, so upstream error is
+            repaired downstream.
+  kd        end to end: KL(teacher || program) of the next-token distributions for language
+            models, the relative squared error of the outputs for other models.
+  local+kd  (default) local, then kd; the budget is split evenly.
+params
+  rewritten (default) the q/k/v/o projections of the sites the rewrite changed
+  attention           the projections of every site
+  lora:R              rank-R adapters on the rewritten sites' projection weights, merged back
+budget (one of them; default tokens=32k)
+  tokens=N   tokens of calibration text through training (k and M suffixes), split between
+             the phases; in the local phase each healed block trains on the phase's share
+  steps=N    optimizer steps (one calibration window each), split likewise
+  minutes=M  wall-clock minutes, split likewise (the only budget that is not deterministic)
+
+Adam, gradients clipped to norm 1, seeded. A block (or the kd phase) whose error is already at
+rounding level is not trained, so healing an exact rewrite changes nothing. The healed program
+has the same graph and parameter shapes: save, hf/, ONNX export and decoders work unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
+
+from rewriter.errors import SpecError
+from rewriter.ir.graph import fetch_attr, set_attr
+from rewriter.ir.specs import Key, Spec, choice, non_negative_int, positive_int
+from rewriter.passes.base import PassContext, PassResult, is_rewritten
+from rewriter.passes.registry import variant
+from rewriter.passes.sequential import Sequential, align, check_aligned
+from rewriter.passes.trainable import Trainable, projection_tensors, rewritten_sites
+
+MAX_WINDOWS = 64  # calibration windows held (64 x 512 tokens stays clear of held-out text)
+DEFAULT_TOKENS = 32_768
+SKIP_BELOW = {"local": 1e-10, "kd": 1e-9}  # rounding-level error: nothing to heal
+LR = {"full": 1e-4, "lora": 1e-3}
+
+
+def _count(text: str) -> int:
+    """``1M``, ``64k``, ``5000``."""
+    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:].lower(), 1)
+    value = float(text[:-1] if scale > 1 else text) * scale
+    if value < 1 or value != int(value):
+        raise ValueError
+    return int(value)
+
+
+def _minutes(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise ValueError
+    return value
+
+
+def _params(text: str) -> tuple[str, int | None]:
+    if text in ("rewritten", "attention"):
+        return text, None
+    kind, _, rank = text.partition(":")
+    if kind != "lora":
+        raise ValueError
+    return "lora", positive_int(rank)
+
+
+def _lr(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise ValueError
+    return value
+
+
+KEYS = {
+    "tokens": Key(_count, "a positive token count like 64k or 1M", metavar="N"),
+    "steps": Key(positive_int, "a positive integer", metavar="N"),
+    "minutes": Key(_minutes, "a positive number of minutes", metavar="M"),
+    "objective": Key(choice("local", "kd", "local+kd"), "local, kd or local+kd",
+                     default="local+kd", metavar="local|kd|local+kd"),
+    "params": Key(_params, "rewritten, attention or lora:R (R a positive rank)",
+                  default=("rewritten", None), metavar="rewritten|attention|lora:R"),
+    "lr": Key(_lr, "a positive learning rate", metavar="X"),
+    "seed": Key(non_negative_int, "an integer >= 0", default=0, metavar="N"),
+}
+
+
+@dataclass
+class Budget:
+    """How long one phase (or one block of the local phase) trains."""
+
+    kind: str  # "tokens", "steps" or "minutes"
+    amount: float
+
+    def share(self, parts: int) -> Budget:
+        return Budget(self.kind, self.amount / parts)
+
+    def spent(self, steps: int, tokens: int, seconds: float) -> bool:
+        used = {"tokens": tokens, "steps": steps, "minutes": seconds / 60}[self.kind]
+        return used >= self.amount
+
+    def steps_hint(self, tokens_per_step: int) -> int | None:
+        """The number of steps, when the budget fixes it (for the progress bar)."""
+        if self.kind == "steps":
+            return max(1, math.ceil(self.amount))
+        if self.kind == "tokens":
+            return max(1, math.ceil(self.amount / tokens_per_step))
+        return None
+
+
+@variant("heal", KEYS, "applied after the other specs: trains the rewritten program toward the "
+         "original (layer-wise output matching, then next-token KL) on calibration text; same "
+         "graph and parameter shapes afterwards",
+         usage=("heal[:tokens=N|steps=N|minutes=M][,objective=local|kd|local+kd]"
+                "[,params=rewritten|attention|lora:R][,lr=X]",))
+class HealPass:
+    name = "heal"
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        p = spec.params
+        given = [k for k in ("tokens", "steps", "minutes") if p[k] is not None]
+        if len(given) > 1:
+            raise SpecError(f"spec {spec}: give one budget, not {' and '.join(given)}")
+        kind = given[0] if given else "tokens"
+        self.budget = Budget(kind, p[kind] if given else DEFAULT_TOKENS)
+        self.params, self.rank = p["params"]
+        self.lr = p["lr"] or LR["lora" if self.rank else "full"]
+
+    def run(self, program, ctx: PassContext) -> PassResult:
+        teacher = ctx.teacher
+        if not is_rewritten(program):
+            raise SpecError(f"spec {self.spec}: heal repairs a rewrite; put it after the "
+                            "variants it heals (e.g. gqa:kv-heads=1,heal)")
+        if teacher is None or teacher is program:
+            raise SpecError(f"spec {self.spec}: the program before the rewrite is not at hand "
+                            "(a program loaded from disk does not keep it): rewrite and heal "
+                            "in one call")
+        sites = rewritten_sites(program, teacher)
+        if self.params == "attention":
+            names = projection_tensors(program, [s.index for s in program.sites])
+        else:
+            names = projection_tensors(program, sites, biases=self.rank is None)
+        generator = torch.Generator().manual_seed(self.spec.params["seed"])
+        trained = Trainable(program.module, names, self.rank, generator)
+        objectives = self.spec.params["objective"].split("+")
+        wanted = self._windows_needed(len(objectives))
+        batches = ctx.batches(program, wanted)
+        log = {"objective": self.spec.params["objective"],
+               "params": self.params if self.rank is None else f"lora:{self.rank}", "lr": self.lr,
+               "seed": self.spec.params["seed"],
+               "budget": {self.budget.kind: self.budget.amount}, "sites": sites,
+               "trained_tensors": len(trained.names), "trained_parameters": trained.count(),
+               "windows": len(batches), "tokens_per_window": _tokens(batches[0])}
+        start = time.perf_counter()
+        share = self.budget.share(len(objectives))
+        if trained.names:
+            if "local" in objectives:
+                log["local"] = self._local(program, teacher, trained, sites, batches, share,
+                                           ctx, generator)
+            if "kd" in objectives:
+                log["kd"] = self._kd(program, teacher, trained, batches, share, ctx, generator)
+        log["seconds"] = round(time.perf_counter() - start, 1)
+        healed = program.clone()
+        for name, tensor in trained.merged().items():
+            old = fetch_attr(healed.module, name)
+            set_attr(healed.module, name, torch.nn.Parameter(tensor, requires_grad=False)
+                     if isinstance(old, torch.nn.Parameter) else tensor)
+        changed = any(phase.get("steps", 0) for phase in
+                      (log.get("local", {}), log.get("kd", {})))
+        return PassResult(healed, changed, {"heal": log})
+
+    def _windows_needed(self, phases: int) -> int:
+        per_phase = self.budget.share(phases).steps_hint(512)
+        return min(MAX_WINDOWS, per_phase or MAX_WINDOWS)
+
+    # --- local: block by block --------------------------------------------------------------
+
+    def _local(self, program, teacher, trained: Trainable, sites: list[int], batches,
+               budget: Budget, ctx: PassContext, generator) -> dict:
+        student_seq = Sequential(program.module, program.sites)
+        teacher_seq = Sequential(teacher.module, teacher.sites)
+        check_aligned(student_seq, teacher_seq)
+        blocks = sorted({student_seq.segment_of_site[i] for i in sites}) if sites \
+            else list(range(len(student_seq)))
+        trainable_in = {i: student_seq.attributes(i) & set(trained.names) for i in blocks}
+        blocks = [i for i in blocks if trainable_in[i]]
+        per_block = budget if budget.kind != "minutes" else budget.share(max(len(blocks), 1))
+        hint = per_block.steps_hint(_tokens(batches[0]))
+        task = f"{self.spec}: local"
+        total = hint * len(blocks) if hint else int(budget.amount * 60)
+        s_envs = [student_seq.start(a, k) for a, k in batches]
+        t_envs = [teacher_seq.start(a, k) for a, k in batches]
+        report = {"blocks": [], "steps": 0}
+        start = time.perf_counter()
+        for i in range(len(student_seq)):
+            with torch.no_grad():
+                t_runs = [teacher_seq.run(align(t, s), i) for t, s in zip(t_envs, s_envs,
+                                                                          strict=True)]
+            if i in blocks:
+                targets = [{n: env[n] for n in produced} for env, produced in t_runs]
+                block = self._fit_block(student_seq, i, trained, trainable_in[i], s_envs,
+                                        targets, [_tokens(b) for b in batches], per_block,
+                                        generator, ctx, task, report, total, start)
+                report["blocks"].append(block)
+            with torch.no_grad():
+                s_envs = [student_seq.run(s, i, weights=trained.weight)[0] for s in s_envs]
+            t_envs = [env for env, _ in t_runs]
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        return report
+
+    def _fit_block(self, seq: Sequential, i: int, trained: Trainable, names: set[str],
+                   envs, targets, sizes: list[int], budget: Budget, generator, ctx, task,
+                   report, total, start) -> dict:
+        def loss_on(b: int) -> torch.Tensor:
+            env, _ = seq.run(envs[b], i, weights=trained.weight)
+            return relative_error({n: env[n] for n in targets[b] if n in env}, targets[b])
+
+        with torch.no_grad():
+            first = float(sum(loss_on(b) for b in range(len(envs)))) / len(envs)
+        entry = {"segment": i, "block": seq.blocks[i - 1] if i else "(before the layers)",
+                 "error_before": first, "steps": 0}
+        if first < SKIP_BELOW["local"]:
+            entry["skipped"] = "already exact"
+            return entry
+        params = trained.parameters(names)
+        opt = torch.optim.Adam(params, lr=self.lr)
+        order = _order(len(envs), generator)
+        steps, tokens, t0 = 0, 0, time.perf_counter()
+        losses = []
+        while not budget.spent(steps, tokens, time.perf_counter() - t0):
+            b = order[steps % len(order)]
+            loss = loss_on(b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            steps += 1
+            tokens += sizes[b]
+            report["steps"] += 1
+            done = report["steps"] if budget.kind != "minutes" \
+                else int(time.perf_counter() - start)
+            ctx.report(task, min(done, total), total,
+                       status=f"{entry['block']}: error {_running(losses):.2e}")
+        with torch.no_grad():
+            entry["error_after"] = float(sum(loss_on(b) for b in range(len(envs)))) / len(envs)
+        entry.update(steps=steps, tokens=tokens)
+        return entry
+
+    # --- kd: end to end ---------------------------------------------------------------------
+
+    def _kd(self, program, teacher, trained: Trainable, batches, budget: Budget,
+            ctx: PassContext, generator) -> dict:
+        seq = Sequential(program.module, program.sites)
+        task = f"{self.spec}: kd"
+        hint = budget.steps_hint(_tokens(batches[0]))
+        total = hint or int(budget.amount * 60)
+
+        def loss_on(b: int) -> torch.Tensor:
+            args, kwargs = batches[b]
+            with torch.no_grad():
+                want = teacher.module(*args, **kwargs)
+            return distillation_loss(seq.forward(args, kwargs, weights=trained.weight), want)
+
+        with torch.no_grad():
+            first = float(loss_on(0))
+        report = {"loss_before": first, "steps": 0}
+        if first < SKIP_BELOW["kd"]:
+            report["skipped"] = "already exact"
+            return report
+        params = trained.parameters()
+        opt = torch.optim.Adam(params, lr=self.lr)
+        order = _order(len(batches), generator)
+        steps, tokens, losses, t0 = 0, 0, [], time.perf_counter()
+        while not budget.spent(steps, tokens, time.perf_counter() - t0):
+            b = order[steps % len(order)]
+            loss = loss_on(b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            steps += 1
+            tokens += _tokens(batches[b])
+            done = steps if hint else int(time.perf_counter() - t0)
+            ctx.report(task, min(done, total), total, status=f"KL {_running(losses):.3f}")
+        report.update(steps=steps, tokens=tokens, loss_curve=_curve(losses),
+                      seconds=round(time.perf_counter() - t0, 1))
+        return report
+
+
+def relative_error(got: dict, want: dict) -> torch.Tensor:
+    """Sum over the floating tensors of ``want`` of ||got - want||^2 / ||want||^2."""
+    total = torch.zeros(())
+    for name, target in want.items():
+        if name not in got:
+            continue
+        pairs = zip(tree_leaves(got[name]), tree_leaves(target), strict=True)
+        for g, w in pairs:
+            if isinstance(w, torch.Tensor) and w.is_floating_point():
+                w = w.float()
+                total = total + ((g.float() - w) ** 2).sum() / (w ** 2).sum().clamp_min(1e-30)
+    return total
+
+
+def distillation_loss(got, want) -> torch.Tensor:
+    """KL(teacher || student) per token for language models; else the relative squared error
+    of every output tensor."""
+    if hasattr(got, "logits") and hasattr(want, "logits"):
+        s = torch.log_softmax(got.logits.float().flatten(0, -2), -1)
+        t = torch.log_softmax(want.logits.float().flatten(0, -2), -1)
+        return F.kl_div(s, t, log_target=True, reduction="batchmean")
+    return relative_error({"out": got}, {"out": want})
+
+
+def _order(n: int, generator: torch.Generator) -> list[int]:
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def _tokens(batch) -> int:
+    args, kwargs = batch
+    for t in tree_leaves((args, kwargs)):
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            return int(t.shape[0] * t.shape[1])
+    return 1
+
+
+def _running(losses: list[float], n: int = 8) -> float:
+    tail = losses[-n:]
+    return sum(tail) / len(tail)
+
+
+def _curve(losses: list[float], points: int = 5) -> list[float]:
+    """The mean loss over ``points`` equal stretches of training: a summary for the manifest."""
+    if not losses:
+        return []
+    size = max(1, len(losses) // points)
+    return [round(sum(c) / len(c), 6) for c in
+            (losses[i:i + size] for i in range(0, len(losses), size))][:points]
