@@ -24,7 +24,8 @@ class Reporter:
         self.console = console
         self.progress = Progress(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-            MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True,
+            MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
+            console=console, transient=True,
             disable=not console.is_terminal)
         self._tasks: dict[str, tuple[int, float]] = {}
         self.timings: dict[str, float] = {}
@@ -47,21 +48,22 @@ class Reporter:
         """An indeterminate task while the block runs."""
         self._finish_open()
         start = time.perf_counter()
-        task = self.progress.add_task(f"{message}…", total=None)
+        task = self.progress.add_task(f"{message}…", total=None, status="")
         try:
             yield
         finally:
             self.progress.remove_task(task)
         self._done(message, time.perf_counter() - start)
 
-    def callback(self, name: str, done: int, total: int) -> None:
-        """The API's progress callback: one bar per task name."""
+    def callback(self, name: str, done: int, total: int, status: str = "") -> None:
+        """The API's progress callback: one bar per task name, with the pass's status (e.g.
+        heal's running loss) beside it."""
         if name not in self._tasks:
             self._finish_open()
-            self._tasks[name] = (self.progress.add_task(name, total=total or None),
+            self._tasks[name] = (self.progress.add_task(name, total=total or None, status=""),
                                  time.perf_counter())
         task, start = self._tasks[name]
-        self.progress.update(task, completed=done, total=total or None)
+        self.progress.update(task, completed=done, total=total or None, status=status)
         if total and done >= total:
             self.progress.remove_task(task)
             self._tasks[name] = (-1, start)

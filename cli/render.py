@@ -184,7 +184,9 @@ def conversion_report(model: str, specs: list[str], before: dict, manifest: dict
     quality = manifest.get("quality")
     if quality:
         a, b = quality["perplexity"]
-        lines.append(f"  perplexity     {a:.2f} -> {b:.2f} ({quality['windows']} x "
+        healed = f"{quality['unhealed']:.2f} -> healed {b:.2f}" if "unhealed" in quality \
+            else f"{b:.2f}"
+        lines.append(f"  perplexity     {a:.2f} -> {healed} ({quality['windows']} x "
                      f"{quality['ctx']} tokens, held-out text)")
     hf = manifest.get("hf") or {}
     lines.append(f"  hf/            {'written' if hf.get('written') else 'not written'}: "

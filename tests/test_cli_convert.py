@@ -103,6 +103,29 @@ def test_convert_json_and_calib_file(runner, tmp_path):
     assert doc["sites"][0]["num_kv_heads"] == 1
 
 
+def test_convert_with_heal(runner, tmp_path):
+    """`-v ... -v heal:...` heals after converting (calibration text from --calib); the
+    manifest records the budget, the steps and the loss."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Attention relates every token to every other token in the window. " * 600)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["convert", TINY, "-v", "gqa:kv-heads=1,merge=mean",
+                                 "-v", "heal:steps=4,objective=kd", "--calib", str(calib),
+                                 "--out", str(out), "--no-verify"])
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "manifest.json").read_text())
+    heal = m["passes"][-1]["heal"]
+    assert heal["budget"] == {"steps": 4} and heal["kd"]["steps"] == 4
+    assert len(heal["kd"]["loss_curve"]) >= 1
+
+
+def test_convert_heal_first_is_one_line_error(runner, tmp_path):
+    result = runner.invoke(app, ["convert", TINY, "-v", "heal:steps=4", "--out",
+                                 str(tmp_path / "out")])
+    assert_one_line_error(result, 2, "put it after the variants it heals")
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_bare_factory(runner, tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, ["convert", BARE, "-v", "prune-heads:ratio=0.5,score=magnitude",
@@ -216,8 +239,8 @@ def test_demo_on_tiny_model(runner):
                                  "--calib-tokens", "16"])
     assert result.exit_code == 0, result.output
     out = result.stdout
-    for key in ("inspect", "parameters", "KV cache", "verify", "perplexity", "model.onnx",
-                "ONNX Runtime"):
+    for key in ("inspect", "parameters", "KV cache", "verify", "perplexity", "healed",
+                "heal:objective=kd", "model.onnx", "ONNX Runtime"):
         assert key in out, out
     diff = float(out.split("max |ort - torch|")[1].split(":")[1].split()[0])
     assert diff < 1e-3
