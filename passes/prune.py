@@ -3,6 +3,8 @@
     prune-heads:ratio=R[,score=magnitude|gradient|activation]   (default: gradient for
                                                                  language models, else activation)
     prune-heads:heads=S.H;S.H...      explicit heads: site S (the # column of `inspect`), head H
+    [,compensate=bias|none]           fold the pruned heads' mean output into o_proj's bias
+                                      (FLAP); default bias with a data score, none otherwise
 
 Heads are ranked globally. The unit removed is a query head in multi-head attention and a
 whole KV group (its KV head and the query heads reading it) under GQA, so every query head
@@ -26,7 +28,7 @@ from rewriter.errors import SpecError
 from rewriter.ir.graph import cleanup
 from rewriter.ir.specs import Key, Spec, choice
 from rewriter.passes.base import PassContext, PassResult
-from rewriter.passes.heads import rebuild_site, site_heads
+from rewriter.passes.heads import OutWeights, rebuild_site, site_heads
 from rewriter.passes.observe import calibrate, default_output, instrumented, observing
 from rewriter.passes.registry import variant
 
@@ -55,6 +57,7 @@ KEYS = {
                  "magnitude, gradient or activation; by default gradient for language models, "
                  "activation for others", metavar="magnitude|gradient|activation"),
     "heads": Key(_head_list, "site.head pairs like 0.3;5.1", metavar="S.H;S.H..."),
+    "compensate": Key(choice("bias", "none"), "bias or none", metavar="bias|none"),
 }
 
 
@@ -62,8 +65,9 @@ KEYS = {
          "removes the least important query heads (whole KV groups under GQA), slicing "
          "q/k/v/o; without `score=`, `gradient` for language models and `activation` for "
          "other models (the manifest records which)",
-         usage=("prune-heads:ratio=R[,score=magnitude|gradient|activation]",
-                "prune-heads:heads=S.H;..."))
+         usage=("prune-heads:ratio=R[,score=magnitude|gradient|activation]"
+                "[,compensate=bias|none]",
+                "prune-heads:heads=S.H;...[,compensate=bias|none]"))
 class PrunePass:
     name = "prune-heads"
 
@@ -82,21 +86,28 @@ class PrunePass:
         else:
             score = self.spec.params["score"] or default_score(program)
             remove = self._ranked(program, ctx, score)
+        compensate = self.spec.params["compensate"] or \
+            ("bias" if score in ("activation", "gradient") else "none")
+        means = mean_head_outputs(program, ctx, {i for i, h in remove.items() if h}) \
+            if compensate == "bias" else {}
         total_before = sum(s.num_heads for s in program.sites)
         for index, heads in sorted(remove.items()):
             site = by_index[index]
             keep = [h for h in range(site.num_heads) if h not in heads]
             kv_keep = sorted({h // site.kv_group for h in keep})
             w = site_heads(program.module, site)
+            out = w["o"].select(keep)
+            if index in means and heads:
+                out = compensated(w["o"], sorted(heads), means[index], out)
             rebuild_site(program, site, {
-                "q": w["q"].select(keep), "o": w["o"].select(keep),
+                "q": w["q"].select(keep), "o": out,
                 "k": w["k"].select(kv_keep), "v": w["v"].select(kv_keep)}, query_heads=keep)
         cleanup(program.module)  # old projections read parameters that now have new shapes
         removed = {i: sorted(h) for i, h in remove.items() if h}
         return PassResult(program, bool(removed), {
             "heads_removed": sum(len(h) for h in removed.values()),
             "heads_before": total_before, "removed": removed,
-            "score": score})
+            "score": score, "compensate": compensate})
 
     def _explicit(self, sites: dict) -> dict[int, set[int]]:
         remove: dict[int, set[int]] = {}
@@ -142,6 +153,32 @@ class PrunePass:
             left[index] -= 1
             removed += len(heads)
         return remove
+
+
+def mean_head_outputs(program, ctx: PassContext, wanted: set[int]) -> dict[int, torch.Tensor]:
+    """Per site in ``wanted``: each head's attention output averaged over the calibration
+    tokens, [H, Dv]."""
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+
+    def observer(site, q, k, v, attn_mask, attrs):
+        out = default_output(q, k, v, attn_mask, attrs)
+        if site in wanted:
+            sums[site] = sums.get(site, 0) + out.double().sum(dim=(0, 2))
+            counts[site] = counts.get(site, 0) + out.shape[0] * out.shape[2]
+        return out
+
+    calibrate(program, ctx, observer, "prune-heads: mean head outputs")
+    return {i: sums[i] / counts[i] for i in sums}
+
+
+def compensated(o: OutWeights, removed: list[int], means: torch.Tensor,
+                kept: OutWeights) -> OutWeights:
+    """``kept`` with the removed heads' mean contribution W_o[:, h] @ mean_h added to the bias
+    (FLAP's bias compensation): the pruned layer's output keeps its average."""
+    contribution = torch.einsum("ehd,hd->e", o.weight[:, removed].double(), means[removed])
+    bias = contribution if o.bias is None else o.bias.double() + contribution
+    return OutWeights(kept.weight, bias.to(o.weight.dtype))
 
 
 # --- scores: site index -> [H] importance ---------------------------------------------------

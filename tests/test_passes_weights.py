@@ -183,6 +183,49 @@ def test_default_score_is_the_best_that_applies(name, score):
     assert sum(s.num_heads for s in new.sites) < sum(s.num_heads for s in prog.sites)
 
 
+def _constant_kv_group(name: str, group: int):
+    """Zero the V rows of one KV head of every layer: with a V bias, each query head reading it
+    outputs that bias whatever it attends to, a constant the compensation can fold."""
+    entry = zoo.get(name)
+    model = entry.build()
+    for layer in model.model.layers:
+        v = layer.self_attn.v_proj
+        d = v.weight.shape[0] // HKV_ZOO
+        with torch.no_grad():
+            v.weight[group * d:(group + 1) * d] = 0
+            v.bias[group * d:(group + 1) * d] = torch.linspace(-1, 1, d)
+    return entry, model
+
+
+HKV_ZOO = zoo.HKV
+
+
+@pytest.mark.parametrize("compensate, exact", [("bias", True), ("none", False)])
+def test_prune_compensation_folds_a_constant_head_into_the_bias(compensate, exact):
+    """FLAP's compensation: a pruned group whose output is constant is replaced by its mean
+    through o_proj's (new) bias, exactly; without it, pruning it changes the outputs."""
+    entry, model = _constant_kv_group("qwen2-sdpa", 1)
+    args, kwargs = entry.inputs(2, 7)
+    prog = rw.capture(model, args, kwargs)
+    new = rw.rewrite(prog, f"prune-heads:heads=0.2;0.3;1.2;1.3,compensate={compensate}",
+                     calibration=calibration())
+    assert new.manifest["passes"][-1]["compensate"] == compensate
+    errors = [new.verify(model, a, k).max_rel for a, k in [(args, kwargs), entry.inputs(3, 9)]]
+    assert (max(errors) <= TOL) == exact, errors
+
+
+def test_prune_compensates_by_default_with_data_scores():
+    entry = zoo.get("llama-eager")
+    prog = rw.capture(entry.build(), *entry.inputs(2, 7))
+    cal = calibration()
+    for score, expected in [("gradient", "bias"), ("activation", "bias"),
+                            ("magnitude", "none")]:
+        new = rw.rewrite(prog, f"prune-heads:ratio=0.25,score={score}", calibration=cal)
+        assert new.manifest["passes"][-1]["compensate"] == expected
+        assert (new.sites[0].o_proj.bias is not None or new.sites[1].o_proj.bias is not None) \
+            == (expected == "bias")
+
+
 def test_pruning_mha_heads_and_relative_bias():
     entry = zoo.get("t5-sdpa")
     model = entry.build()
