@@ -46,6 +46,8 @@ from rewriter.passes.sequential import Sequential, align, check_aligned
 from rewriter.passes.trainable import Trainable, projection_tensors, rewritten_sites
 
 MAX_WINDOWS = 64  # calibration windows held (64 x 512 tokens stays clear of held-out text)
+LOCAL_WINDOWS = 16  # windows whose activations the local phase carries under a minutes budget
+PROBE_WINDOWS = 4  # windows a block's error before and after is measured on
 DEFAULT_TOKENS = 32_768
 SKIP_BELOW = {"local": 1e-10, "kd": 1e-9}  # rounding-level error: nothing to heal
 LR = {"full": 1e-4, "lora": 1e-3}
@@ -170,6 +172,9 @@ class HealPass:
                 log["local"] = self._local(program, teacher, trained, sites, batches, share,
                                            ctx, generator)
             if "kd" in objectives:
+                if self.budget.kind == "minutes":  # what the local phase left of the time
+                    spent = (time.perf_counter() - start) / 60
+                    share = Budget("minutes", max(0.0, self.budget.amount - spent))
                 log["kd"] = self._kd(program, teacher, trained, batches, share, ctx, generator)
         log["seconds"] = round(time.perf_counter() - start, 1)
         healed = program.clone()
@@ -196,13 +201,14 @@ class HealPass:
             else list(range(len(student_seq)))
         trainable_in = {i: student_seq.attributes(i) & set(trained.names) for i in blocks}
         blocks = [i for i in blocks if trainable_in[i]]
-        per_block = budget if budget.kind != "minutes" else budget.share(max(len(blocks), 1))
-        hint = per_block.steps_hint(_tokens(batches[0]))
+        hint = budget.steps_hint(_tokens(batches[0]))
+        # a block trains on at most `hint` windows: carry no more activations than that
+        batches = batches[:min(len(batches), hint or LOCAL_WINDOWS)]
         task = f"{self.spec}: local"
         total = hint * len(blocks) if hint else int(budget.amount * 60)
         s_envs = [student_seq.start(a, k) for a, k in batches]
         t_envs = [teacher_seq.start(a, k) for a, k in batches]
-        report = {"blocks": [], "steps": 0}
+        report = {"blocks": [], "steps": 0, "windows": len(batches)}
         start = time.perf_counter()
         for i in range(len(student_seq)):
             with torch.no_grad():
@@ -210,6 +216,12 @@ class HealPass:
                                                                           strict=True)]
             if i in blocks:
                 targets = [{n: env[n] for n in produced} for env, produced in t_runs]
+                if budget.kind == "minutes":  # deadlines: time lost on one block is not lent
+                    done = blocks.index(i) + 1
+                    per_block = Budget("minutes", max(0.0, start / 60 + budget.amount * done
+                                                      / len(blocks) - time.perf_counter() / 60))
+                else:
+                    per_block = budget
                 block = self._fit_block(student_seq, i, trained, trainable_in[i], s_envs,
                                         targets, [_tokens(b) for b in batches], per_block,
                                         generator, ctx, task, report, total, start)
@@ -227,8 +239,9 @@ class HealPass:
             env, _ = seq.run(envs[b], i, weights=trained.weight)
             return relative_error({n: env[n] for n in targets[b] if n in env}, targets[b])
 
+        probe = range(min(PROBE_WINDOWS, len(envs)))
         with torch.no_grad():
-            first = float(sum(loss_on(b) for b in range(len(envs)))) / len(envs)
+            first = float(sum(loss_on(b) for b in probe)) / len(probe)
         entry = {"segment": i, "block": seq.blocks[i - 1] if i else "(before the layers)",
                  "error_before": first, "steps": 0}
         if first < SKIP_BELOW["local"]:
@@ -255,7 +268,7 @@ class HealPass:
             ctx.report(task, min(done, total), total,
                        status=f"{entry['block']}: error {_running(losses):.2e}")
         with torch.no_grad():
-            entry["error_after"] = float(sum(loss_on(b) for b in range(len(envs)))) / len(envs)
+            entry["error_after"] = float(sum(loss_on(b) for b in probe)) / len(probe)
         entry.update(steps=steps, tokens=tokens)
         return entry
 
