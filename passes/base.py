@@ -3,6 +3,7 @@ the graph after each, and records what each did in the program's manifest."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -28,11 +29,12 @@ class PassContext:
     teacher: Program | None = None
 
     def report(self, task: str, done: int, total: int, status: str = "") -> None:
-        if self.progress is not None:
-            if status:
-                self.progress(task, done, total, status=status)
-            else:
-                self.progress(task, done, total)
+        if self.progress is None:
+            return
+        if status and _takes_status(self.progress):
+            self.progress(task, done, total, status=status)
+        else:
+            self.progress(task, done, total)
 
     def batches(self, program: Program, count: int | None = None) -> list[tuple[tuple, dict]]:
         """The calibration batches; ``count`` asks a default source for that many (a list the
@@ -45,6 +47,15 @@ class PassContext:
             raise SpecError("this variant needs calibration data: pass calibration=[batches] "
                             "(token tensors or (args, kwargs) pairs)")
         return self.calibration
+
+
+def _takes_status(fn: Callable) -> bool:
+    """Whether a progress callback accepts ``status=`` (the older ones take three arguments)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "status" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 @dataclass

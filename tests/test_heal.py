@@ -145,3 +145,17 @@ def test_heal_refuses_a_compiled_program(zoo_captured, monkeypatch):
     compiled = rw.rewrite(c.prog, "gqa:kv-heads=1,merge=mean").compile("triton")
     with pytest.raises(SpecError, match="compiled for a backend"):
         rw.rewrite(compiled, "heal:steps=3", calibration=CALIB)
+
+
+def test_progress_reports_the_running_loss(zoo_captured):
+    """A callback taking ``status=`` sees heal's running loss; a three-argument one still
+    works."""
+    c = zoo_captured("llama-sdpa")
+    seen, plain = [], []
+    rw.rewrite(c.prog, ["gqa:kv-heads=1,merge=mean", "heal:steps=4"], calibration=CALIB,
+               progress=lambda task, done, total, status="": seen.append((task, status)))
+    rw.rewrite(c.prog, ["gqa:kv-heads=1,merge=mean", "heal:steps=2"], calibration=CALIB,
+               progress=lambda task, done, total: plain.append(task))
+    assert any("error" in status for task, status in seen if task.endswith("local"))
+    assert any("KL" in status for task, status in seen if task.endswith("kd"))
+    assert any(task.endswith("kd") for task in plain)
