@@ -1,15 +1,15 @@
 """What `heal` buys: quality of each variant before and after healing, at one budget.
 
-    .venv/bin/python benchmarks/heal_quality.py [--heal heal:minutes=5] [--ctx 512]
+    .venv/bin/python benchmarks/heal_quality.py [--heal SPEC ...] [--ctx 512]
         [--windows 8] [--smollm SPEC ...] [--minilm SPEC ...] [--skip smollm|minilm]
         [--out benchmarks/results/heal_quality.json]
 
 SmolLM2-135M: perplexity on held-out pydoc windows (evaluation starts 40k tokens into the text;
 calibration and healing read only the tokens before that) for dense and each variant, without
-and with the heal spec appended. MiniLM-L6: cosine similarity of mean-pooled sentence
-embeddings to the dense model on held-out passages. Records the heal pass's manifest entry
-(budget, steps, tokens, loss before and after, seconds). The JSON is rewritten after every row,
-so an interrupted run keeps what it measured. Asserts nothing.
+and with each heal spec (default heal:minutes=5) appended. MiniLM-L6: cosine similarity of
+mean-pooled sentence embeddings to the dense model on held-out passages. Records the heal
+pass's manifest entry (budget, steps, tokens, loss before and after, seconds). The JSON is
+rewritten after every row, so an interrupted run keeps what it measured. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -71,15 +71,16 @@ def smollm(opts, result: dict, save) -> None:
         variant = rw.rewrite(program, spec)
         seconds = time.perf_counter() - t0
         before = perplexity(logits_fn(variant), windows)
-        healed = rw.rewrite(variant, opts.heal)
-        after = perplexity(logits_fn(healed), windows)
-        rows.append({"variant": spec, "ppl": before, "ratio": before / dense,
-                     "healed_ppl": after, "healed_ratio": after / dense,
-                     "target": TARGETS.get(spec), "rewrite_seconds": round(seconds, 1),
-                     "heal": _heal_summary(healed)})
-        save()
-        print(f"smollm2 {spec}: {before / dense:.2f}x -> healed {after / dense:.2f}x "
-              f"({healed.manifest['passes'][-1]['heal']['seconds']} s)", flush=True)
+        for heal in opts.heal:
+            healed = rw.rewrite(variant, heal)
+            after = perplexity(logits_fn(healed), windows)
+            rows.append({"variant": spec, "ppl": before, "ratio": before / dense,
+                         "heal_spec": heal, "healed_ppl": after, "healed_ratio": after / dense,
+                         "target": TARGETS.get(spec), "rewrite_seconds": round(seconds, 1),
+                         "heal": _heal_summary(healed)})
+            save()
+            print(f"smollm2 {spec}: {before / dense:.2f}x -> {heal} {after / dense:.2f}x "
+                  f"({healed.manifest['passes'][-1]['heal']['seconds']} s)", flush=True)
 
 
 def minilm(opts, result: dict, save) -> None:
@@ -99,22 +100,23 @@ def minilm(opts, result: dict, save) -> None:
                         "heal": opts.heal, "rows": rows}
     for spec in opts.minilm or MINILM_VARIANTS:
         variant = rw.rewrite(program, spec)
-        healed = rw.rewrite(variant, opts.heal)
         before = torch.nn.functional.cosine_similarity(embed(variant), dense, dim=-1)
-        after = torch.nn.functional.cosine_similarity(embed(healed), dense, dim=-1)
-        rows.append({"variant": spec, "cosine_mean": float(before.mean()),
-                     "cosine_min": float(before.min()),
-                     "healed_cosine_mean": float(after.mean()),
-                     "healed_cosine_min": float(after.min()), "target": 0.95,
-                     "heal": _heal_summary(healed)})
-        save()
-        print(f"minilm {spec}: cosine {float(before.mean()):.4f} -> healed "
-              f"{float(after.mean()):.4f}", flush=True)
+        for heal in opts.heal:
+            healed = rw.rewrite(variant, heal)
+            after = torch.nn.functional.cosine_similarity(embed(healed), dense, dim=-1)
+            rows.append({"variant": spec, "cosine_mean": float(before.mean()),
+                         "cosine_min": float(before.min()), "heal_spec": heal,
+                         "healed_cosine_mean": float(after.mean()),
+                         "healed_cosine_min": float(after.min()), "target": 0.95,
+                         "heal": _heal_summary(healed)})
+            save()
+            print(f"minilm {spec}: cosine {float(before.mean()):.4f} -> {heal} "
+                  f"{float(after.mean()):.4f}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--heal", default="heal:minutes=5")
+    parser.add_argument("--heal", nargs="+", default=["heal:minutes=5"])
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--smollm", nargs="*", default=None)
@@ -138,17 +140,18 @@ def main() -> None:
         smollm(opts, result, save)
     save()
     if "smollm2" in result:
-        print(f"\n| SmolLM2 variant | x dense | healed x dense ({opts.heal}) | target | heal s |")
-        print("|---|---|---|---|---|")
+        print("\n| SmolLM2 variant | x dense | heal | healed x dense | target | heal s |")
+        print("|---|---|---|---|---|---|")
         for r in result["smollm2"]["rows"][1:]:
             target = f"<= {r['target']}" if r["target"] else "-"
-            print(f"| {r['variant']} | {r['ratio']:.2f} | {r['healed_ratio']:.2f} | {target} | "
-                  f"{r['heal']['seconds']} |")
+            print(f"| {r['variant']} | {r['ratio']:.2f} | {r['heal_spec']} | "
+                  f"{r['healed_ratio']:.2f} | {target} | {r['heal']['seconds']} |")
     if "minilm" in result:
-        print("\n| MiniLM variant | cosine | healed cosine | target |\n|---|---|---|---|")
+        print("\n| MiniLM variant | cosine | heal | healed cosine | target |")
+        print("|---|---|---|---|---|")
         for r in result["minilm"]["rows"]:
-            print(f"| {r['variant']} | {r['cosine_mean']:.4f} | {r['healed_cosine_mean']:.4f} | "
-                  ">= 0.95 |")
+            print(f"| {r['variant']} | {r['cosine_mean']:.4f} | {r['heal_spec']} | "
+                  f"{r['healed_cosine_mean']:.4f} | >= 0.95 |")
 
 
 if __name__ == "__main__":
