@@ -125,7 +125,7 @@ class Budget:
          "original (layer-wise output matching, then next-token KL) on calibration text; same "
          "graph and parameter shapes afterwards",
          usage=("heal[:tokens=N|steps=N|minutes=M][,objective=local|kd|local+kd]"
-                "[,params=rewritten|attention|lora:R][,lr=X]",))
+                "[,params=rewritten|attention|lora:R][,lr=X][,seed=N]",))
 class HealPass:
     name = "heal"
 
