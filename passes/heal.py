@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -247,11 +248,30 @@ class HealPass:
         if first < SKIP_BELOW["local"]:
             entry["skipped"] = "already exact"
             return entry
-        params = trained.parameters(names)
+
+        def progress(steps: int, losses: list[float]) -> None:
+            report["steps"] += 1
+            done = report["steps"] if budget.kind != "minutes" \
+                else int(time.perf_counter() - start)
+            ctx.report(task, min(done, total), total,
+                       status=f"{entry['block']}: error {_running(losses):.2e}")
+
+        steps, tokens, _ = self._train(trained.parameters(names), loss_on, sizes, budget,
+                                       generator, progress)
+        with torch.no_grad():
+            entry["error_after"] = float(sum(loss_on(b) for b in probe)) / len(probe)
+        entry.update(steps=steps, tokens=tokens)
+        return entry
+
+    def _train(self, params: list, loss_on: Callable[[int], torch.Tensor], sizes: list[int],
+               budget: Budget, generator: torch.Generator,
+               progress: Callable[[int, list[float]], None]) -> tuple[int, int, list[float]]:
+        """Adam on ``params`` over the windows (``sizes`` tokens each) in a seeded order until
+        ``budget`` is spent, gradients clipped to norm 1; ``progress(steps, losses)`` after
+        each step. Returns the steps, the tokens and the losses."""
         opt = torch.optim.Adam(params, lr=self.lr)
-        order = _order(len(envs), generator)
-        steps, tokens, t0 = 0, 0, time.perf_counter()
-        losses = []
+        order = _order(len(sizes), generator)
+        steps, tokens, losses, t0 = 0, 0, [], time.perf_counter()
         while not budget.spent(steps, tokens, time.perf_counter() - t0):
             b = order[steps % len(order)]
             loss = loss_on(b)
@@ -262,15 +282,8 @@ class HealPass:
             losses.append(float(loss.detach()))
             steps += 1
             tokens += sizes[b]
-            report["steps"] += 1
-            done = report["steps"] if budget.kind != "minutes" \
-                else int(time.perf_counter() - start)
-            ctx.report(task, min(done, total), total,
-                       status=f"{entry['block']}: error {_running(losses):.2e}")
-        with torch.no_grad():
-            entry["error_after"] = float(sum(loss_on(b) for b in probe)) / len(probe)
-        entry.update(steps=steps, tokens=tokens)
-        return entry
+            progress(steps, losses)
+        return steps, tokens, losses
 
     # --- kd: end to end ---------------------------------------------------------------------
 
@@ -293,22 +306,15 @@ class HealPass:
         if first < SKIP_BELOW["kd"]:
             report["skipped"] = "already exact"
             return report
-        params = trained.parameters()
-        opt = torch.optim.Adam(params, lr=self.lr)
-        order = _order(len(batches), generator)
-        steps, tokens, losses, t0 = 0, 0, [], time.perf_counter()
-        while not budget.spent(steps, tokens, time.perf_counter() - t0):
-            b = order[steps % len(order)]
-            loss = loss_on(b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
-            steps += 1
-            tokens += _tokens(batches[b])
+        t0 = time.perf_counter()
+
+        def progress(steps: int, losses: list[float]) -> None:
             done = steps if hint else int(time.perf_counter() - t0)
             ctx.report(task, min(done, total), total, status=f"KL {_running(losses):.3f}")
+
+        steps, tokens, losses = self._train(trained.parameters(), loss_on,
+                                            [_tokens(b) for b in batches], budget, generator,
+                                            progress)
         report.update(steps=steps, tokens=tokens, loss_curve=_curve(losses),
                       seconds=round(time.perf_counter() - t0, 1))
         return report
