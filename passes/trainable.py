@@ -30,22 +30,21 @@ def rewritten_sites(program, teacher) -> list[int]:
     """Sites whose attributes (heads, masks, sharing) or projection weights differ from the
     teacher's."""
     before = {s.index: s for s in teacher.sites}
-    out = []
-    for site in program.sites:
-        old = before.get(site.index)
-        changed = old is None or _attrs(site) != _attrs(old)
-        for role in ROLES:
-            proj, old_proj = getattr(site, f"{role}_proj"), old and getattr(old, f"{role}_proj")
-            if changed or (proj is None) != (old_proj is None):
-                changed = True
-                break
-            if proj is not None:
-                new_w = fetch_attr(program.module, proj.weight)
-                old_w = fetch_attr(teacher.module, old_proj.weight)
-                changed = not _same_tensor(new_w, old_w)
-        if changed:
-            out.append(site.index)
-    return out
+    return [s.index for s in program.sites
+            if _site_changed(program, s, teacher, before.get(s.index))]
+
+
+def _site_changed(program, site, teacher, old) -> bool:
+    if old is None or _attrs(site) != _attrs(old):
+        return True
+    for role in ROLES:
+        proj, old_proj = getattr(site, f"{role}_proj"), getattr(old, f"{role}_proj")
+        if (proj is None) != (old_proj is None):
+            return True
+        if proj is not None and not _same_tensor(fetch_attr(program.module, proj.weight),
+                                                 fetch_attr(teacher.module, old_proj.weight)):
+            return True
+    return False
 
 
 def projection_tensors(program, sites: list[int], biases: bool = True) -> list[str]:
