@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import rewriter as rw
+from rewriter.io.atomic import atomic_file
 from rewriter.ir.export import dynamic_shapes_for
 from rewriter.models import load
 
@@ -70,10 +71,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_file(out, json.dumps(result, indent=2) + "\n")
     print(f"{loaded.name}: export {result['export_median_s']:.2f}s, capture "
           f"{result['capture_median_s']:.2f}s, ratio {result['ratio']:.2f}x "
           f"({len(prog.sites)} sites) -> {out}")

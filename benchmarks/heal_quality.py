@@ -22,7 +22,13 @@ from pathlib import Path
 import torch
 
 import rewriter as rw
-from rewriter.analysis.quality import eval_windows, logits_fn, mean_pooled, perplexity
+from rewriter.analysis.quality import (
+    eval_windows,
+    logits_fn,
+    perplexity,
+    sentence_embeddings,
+)
+from rewriter.io.atomic import atomic_file
 from rewriter.models import load
 
 SMOLLM_VARIANTS = [
@@ -89,10 +95,7 @@ def minilm(opts, result: dict, save) -> None:
     sentences = eval_windows(loaded.tokenizer, 64, 32)  # held-out 64-token passages
 
     def embed(prog):
-        args, kwargs = prog.call_with_tokens(sentences)
-        with torch.no_grad():
-            hidden = prog(*args, **kwargs).last_hidden_state
-        return mean_pooled(hidden, kwargs["attention_mask"])
+        return sentence_embeddings(prog, sentences)
 
     dense = embed(program)
     rows = []
@@ -127,12 +130,9 @@ def main() -> None:
     torch.manual_seed(0)
     result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        tmp.replace(out)
+        atomic_file(out, json.dumps(result, indent=2, default=str) + "\n")
 
     if "minilm" not in opts.skip:
         minilm(opts, result, save)

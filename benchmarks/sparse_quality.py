@@ -20,6 +20,7 @@ import torch
 import rewriter as rw
 from rewriter.analysis.quality import eval_windows, logits_fn, perplexity
 from rewriter.api import calibration_batches
+from rewriter.io.atomic import atomic_file
 from rewriter.models import load
 
 VARIANTS = [
@@ -73,10 +74,7 @@ def main() -> None:
               "dense_kv_cache_bytes_per_token": kv_bytes(program),
               "torch": torch.__version__, "rows": rows}
     out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_file(out, json.dumps(result, indent=2) + "\n")
     print("\n| variant | perplexity | x dense | detail |\n|---|---|---|---|")
     for r in rows:
         p = r.get("pass", {})

@@ -20,8 +20,14 @@ from pathlib import Path
 import torch
 
 import rewriter as rw
-from rewriter.analysis.quality import eval_windows, logits_fn, mean_pooled, perplexity
+from rewriter.analysis.quality import (
+    eval_windows,
+    logits_fn,
+    perplexity,
+    sentence_embeddings,
+)
 from rewriter.api import calibration_batches
+from rewriter.io.atomic import atomic_file
 from rewriter.models import load
 
 SMOLLM_VARIANTS = [
@@ -72,10 +78,7 @@ def minilm(opts) -> dict:
     calibration = calibration_batches(program, None, seq_len=128, batches=4)
 
     def embed(prog):
-        args, kwargs = prog.call_with_tokens(sentences)
-        with torch.no_grad():
-            hidden = prog(*args, **kwargs).last_hidden_state
-        return mean_pooled(hidden, kwargs["attention_mask"])
+        return sentence_embeddings(prog, sentences)
 
     dense = embed(program)
     rows = [{"variant": "dense", "cosine_mean": 1.0, "cosine_min": 1.0,
@@ -106,10 +109,7 @@ def main() -> None:
     if "smollm" not in opts.skip:
         result["smollm2"] = smollm(opts)
     out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(out)
+    atomic_file(out, json.dumps(result, indent=2, default=str) + "\n")
     if "smollm2" in result:
         print("\n| SmolLM2 variant | perplexity | x dense | params | KV B/token |")
         print("|---|---|---|---|---|")

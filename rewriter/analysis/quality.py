@@ -97,6 +97,16 @@ def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
+def sentence_embeddings(program, ids: torch.Tensor) -> torch.Tensor:
+    """[B, E] mean-pooled last hidden states of ``ids`` [B, S] through ``program`` (an encoder
+    called like its example inputs): the sentence embeddings quality is compared on."""
+    args, kwargs = program.call_with_tokens(ids)
+    with torch.no_grad():
+        out = program(*args, **kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return mean_pooled(hidden, kwargs.get("attention_mask", torch.ones_like(ids)))
+
+
 def calibration_loss(program, reference, batches) -> float:
     """How far ``program`` is from ``reference`` on calibration batches: the mean KL divergence
     of next-token distributions for language models, else the relative squared error of the
