@@ -13,7 +13,7 @@ from rewriter.analysis.quality import EVAL_OFFSET
 from rewriter.checkpoint import read_saved
 from rewriter.errors import SpecError
 from rewriter.frontend import capture
-from rewriter.io.text import token_windows
+from rewriter.io.text import leading_windows
 from rewriter.ir.specs import Spec
 from rewriter.passes import build_pass, parse_spec
 from rewriter.passes.base import PassContext, run_passes
@@ -67,13 +67,10 @@ def calibration_batches(program: Program, calibration: Any, *, seq_len: int = 51
         want = batches * batch_size
         if calibration is None:
             want = min(want, EVAL_OFFSET // seq_len)
-        try:
-            ids = token_windows(program.tokenizer, seq_len, want, text=calibration, offset=0)
-        except ValueError:  # a short text: every whole window it has
-            ids = _all_windows(program.tokenizer, seq_len, calibration)
-            if not len(ids):
-                raise SpecError(f"the calibration text is shorter than one window of {seq_len} "
-                                "tokens") from None
+        ids = leading_windows(program.tokenizer, seq_len, want, text=calibration)
+        if not len(ids):
+            raise SpecError(f"the calibration text is shorter than one window of {seq_len} "
+                            "tokens")
         calibration = list(ids.split(batch_size))
     out = []
     for batch in calibration:
@@ -85,12 +82,6 @@ def calibration_batches(program: Program, calibration: Any, *, seq_len: int = 51
             a, k = batch
             out.append((tuple(a), dict(k)))
     return out
-
-
-def _all_windows(tokenizer, seq_len: int, text: str) -> torch.Tensor:
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    count = len(ids) // seq_len
-    return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
 
 
 def load(path: str | Path) -> Program:

@@ -170,21 +170,30 @@ def test_smollm2_heal_repairs_mqa_on_held_out_text(smollm):
 def test_minilm_heal_brings_embeddings_back(minilm):
     """12 -> 4 KV heads by mean pooling, healed layer by layer: held-out sentence embeddings
     move back toward the dense model's (measured: cosine 0.54 -> 0.68)."""
-    from rewriter.analysis.quality import mean_pooled
+    from rewriter.analysis.quality import sentence_embeddings
 
     calib = _windows(minilm.loaded, 64, 8, held_out=False)
     held = torch.cat(_windows(minilm.loaded, 64, 8, held_out=True))
     gqa = rw.rewrite(minilm.prog, "gqa:kv-heads=4,merge=mean")
     healed = rw.rewrite(gqa, "heal:steps=16,objective=local,lr=1e-3", calibration=calib)
 
-    def embed(prog):
-        args, kwargs = prog.call_with_tokens(held)
-        with torch.no_grad():
-            out = prog(*args, **kwargs)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return mean_pooled(hidden, kwargs["attention_mask"])
-
-    dense = embed(minilm.prog)
-    cos = [float(torch.nn.functional.cosine_similarity(embed(p), dense).mean())
-           for p in (gqa, healed)]
+    dense = sentence_embeddings(minilm.prog, held)
+    cos = [float(torch.nn.functional.cosine_similarity(sentence_embeddings(p, held),
+                                                       dense).mean()) for p in (gqa, healed)]
     assert cos[1] > cos[0] + 0.05, cos
+
+
+def test_calibration_from_a_short_text_takes_every_whole_window(minilm):
+    """heal asks for many windows; a user's text gives as many whole ones as it holds, and one
+    shorter than a window is a one-line SpecError."""
+    from rewriter.api import calibration_batches
+
+    prog = minilm.prog.clone()
+    prog.tokenizer = minilm.loaded.tokenizer
+    text = "Attention relates every token to every other token. " * 40
+    tokens = len(minilm.loaded.tokenizer(text, add_special_tokens=False).input_ids)
+    batches = calibration_batches(prog, text, seq_len=64, batches=1000)
+    assert len(batches) == tokens // 64 and 0 < len(batches) < 1000
+    assert batches[0][1]["input_ids"].shape == (1, 64)
+    with pytest.raises(rw.SpecError, match="shorter than one window of 64 tokens"):
+        calibration_batches(prog, "too short", seq_len=64)

@@ -23,6 +23,15 @@ def token_windows(tokenizer, seq_len: int, batch: int, text: str | None = None,
     return ids[offset:need].view(batch, seq_len).clone()
 
 
+def leading_windows(tokenizer, seq_len: int, batch: int, text: str | None = None
+                    ) -> torch.Tensor:
+    """`token_windows` from the start of the text, or every whole window it holds when that is
+    fewer than ``batch`` (possibly none): [count, seq_len]."""
+    ids = _tokenized(tokenizer, text, seq_len * batch)
+    count = min(batch, ids.numel() // seq_len)
+    return ids[: count * seq_len].view(count, seq_len).clone()
+
+
 _TOKENIZED: dict[tuple[int, int], torch.Tensor] = {}
 
 
