@@ -73,10 +73,10 @@ def explanation(prog: Program) -> str:
 
 def checked_site(prog: Program, index: int):
     """Site ``index``, or a SpecError naming the valid range."""
-    if not 0 <= index < len(prog.sites):
-        raise SpecError(f"--site {index}: the program has {len(prog.sites)} sites "
-                        f"(0..{len(prog.sites) - 1})")
-    return prog.sites[index]
+    try:
+        return prog.site(index)
+    except IndexError as err:
+        raise SpecError(f"--site {index}: {err}") from None
 
 
 def print_site(prog: Program, index: int, as_json: bool) -> None:

@@ -3,7 +3,8 @@ variant (one module each) in `rewriter.passes.registry.VARIANTS`, in the order o
 table: the variants, then `heal`, which is applied after them."""
 
 # isort: off
-from rewriter.passes import gqa, prune, share, sparse  # noqa: F401  (each registers a variant)
+# each registers a variant
+from rewriter.passes import gqa, prune, share, sparse, drop_attn  # noqa: F401
 from rewriter.passes import heal  # noqa: F401
 # isort: on
 from rewriter.passes.registry import VARIANTS, build_pass, parse_spec

@@ -8,12 +8,14 @@ objective
             layer block holding a healed site trains until what it hands on (the residual
             stream) matches the teacher's block run on the *same* inputs (relative squared
             error); the next block then sees the healed block's outputs, so upstream error is
-            repaired downstream.
+            repaired downstream. After a layer whose attention drop-attn removed, the next
+            healed block matches what the teacher's two blocks hand on.
   kd        end to end: KL(teacher || program) of the next-token distributions for language
             models, the relative squared error of the outputs for other models.
   local+kd  (default) local, then kd; the budget is split evenly.
 params
-  rewritten (default) the q/k/v/o projections of the sites the rewrite changed
+  rewritten (default) the q/k/v/o projections of the sites the rewrite changed (after
+                      drop-attn: the site following each dropped one)
   attention           the projections of every site
   lora:R              rank-R adapters on the rewritten sites' projection weights, merged back
 budget (one of them; default tokens=32k)
@@ -195,8 +197,8 @@ class HealPass:
 
     def _local(self, program, teacher, trained: Trainable, sites: list[int], batches,
                budget: Budget, ctx: PassContext, generator) -> dict:
-        student_seq = Sequential(program.module, program.sites)
         teacher_seq = Sequential(teacher.module, teacher.sites)
+        student_seq = Sequential(program.module, program.sites, blocks=teacher_seq.blocks)
         check_aligned(student_seq, teacher_seq)
         blocks = sorted({student_seq.segment_of_site[i] for i in sites}) if sites \
             else list(range(len(student_seq)))
@@ -211,10 +213,15 @@ class HealPass:
         t_envs = [teacher_seq.start(a, k) for a, k in batches]
         report = {"blocks": [], "steps": 0, "windows": len(batches)}
         start = time.perf_counter()
+        # after a block whose attention was dropped the teacher runs on from its own outputs:
+        # the next healed block then learns to hand on what both teacher blocks would have
+        kept = {s.index for s in program.sites}
+        dropped = {teacher_seq.segment_of_site[s.index] for s in teacher.sites
+                   if s.index not in kept}
         for i in range(len(student_seq)):
             with torch.no_grad():
-                t_runs = [teacher_seq.run(align(t, s), i) for t, s in zip(t_envs, s_envs,
-                                                                          strict=True)]
+                t_runs = [teacher_seq.run(t if i - 1 in dropped else align(t, s), i)
+                          for t, s in zip(t_envs, s_envs, strict=True)]
             if i in blocks:
                 targets = [{n: env[n] for n in produced} for env, produced in t_runs]
                 if budget.kind == "minutes":  # deadlines: time lost on one block is not lent

@@ -46,13 +46,15 @@ class Sequential:
     """Runs ``module``'s graph segment by segment (see the module docstring).
 
     ``sites`` (the program's) name the blocks and, with ``observe``, which canonical nodes
-    call the observer instead of the op."""
+    call the observer instead of the op. ``blocks`` names the blocks instead (a teacher's,
+    when the program has dropped the attention of some: their blocks still hold an MLP)."""
 
-    def __init__(self, module: GraphModule, sites):
+    def __init__(self, module: GraphModule, sites, blocks: list[str] | None = None):
         self.module = module
         self.site_of = {s.node: s.index for s in sites}
         nodes = list(module.graph.nodes)
-        wanted = [b for b in dict.fromkeys(block_path(s.module_path) or "" for s in sites) if b]
+        wanted = blocks if blocks is not None else \
+            [b for b in dict.fromkeys(block_path(s.module_path) or "" for s in sites) if b]
         first: dict[str, int] = {}
         for i, node in enumerate(nodes):
             if node.op in ("placeholder", "get_attr", "output"):

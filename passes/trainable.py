@@ -28,10 +28,18 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
 
 def rewritten_sites(program, teacher) -> list[int]:
     """Sites whose attributes (heads, masks, sharing) or projection weights differ from the
-    teacher's."""
+    teacher's, and for each teacher site the program dropped (drop-attn) the next site left
+    (the last one before it at the end): the attention that now sees the changed stream."""
     before = {s.index: s for s in teacher.sites}
-    return [s.index for s in program.sites
-            if _site_changed(program, s, teacher, before.get(s.index))]
+    changed = {s.index for s in program.sites
+               if _site_changed(program, s, teacher, before.get(s.index))}
+    left = sorted(s.index for s in program.sites)
+    for index in set(before) - set(left):
+        later = [i for i in left if i > index]
+        earlier = [i for i in left if i < index]
+        if later or earlier:
+            changed.add(later[0] if later else earlier[-1])
+    return sorted(changed)
 
 
 def _site_changed(program, site, teacher, old) -> bool:

@@ -36,6 +36,8 @@ def _error(prog, teacher, held) -> float:
     ("gpt2-eager", "prune-heads:ratio=0.25,score=magnitude", "heal:steps=60"),
     ("qwen2-sdpa", "share-kv:group=2", "heal:steps=60,params=attention"),
     ("phi3-sdpa", "sparse:window=3,sink=1", "heal:steps=60"),
+    ("llama-sdpa", "drop-attn:layers=0", "heal:steps=40,objective=local"),
+    ("llama-sdpa", "drop-attn:layers=1", "heal:steps=60"),
 ])
 def test_heal_lowers_the_error_on_held_out_inputs(zoo_captured, name, spec, heal):
     c = zoo_captured(name)

@@ -91,10 +91,7 @@ def subgraph(graph: torch.fx.Graph, sources: list[str], sink: str, title: str,
 def site_graphs(program, index: int) -> dict[str, SiteGraph | None]:
     """{"before": ..., "after": ...} for site ``index`` (before is None for a program loaded
     from disk, which keeps no captured graph)."""
-    if not 0 <= index < len(program.sites):
-        raise IndexError(f"site {index} does not exist (the program has "
-                         f"{len(program.sites)} sites: 0..{len(program.sites) - 1})")
-    site = program.sites[index]
+    site = program.site(index)
     sources = [p.node for p in (site.q_proj, site.k_proj, site.v_proj) if p is not None]
     sink = site.o_proj.node if site.o_proj is not None else site.node
     if not sources:
@@ -234,7 +231,7 @@ def render_site(program, index: int, fmt: str = "html") -> tuple[str, int]:
     (needs graphviz's ``dot``) or "html": self-contained, laid out by graphviz where it is
     installed, else by its own layout); returns (text, number of nodes drawn)."""
     graphs = site_graphs(program, index)
-    title = f"site {index}: {program.sites[index].module_path or 'attention'}"
+    title = f"site {index}: {program.site(index).module_path or 'attention'}"
     dot = to_dot(graphs, title)
     if fmt == "dot":
         text = dot

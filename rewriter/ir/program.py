@@ -88,6 +88,18 @@ class GraphProgram:
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
 
+    def site(self, index: int):
+        """The site numbered ``index`` (the # column of inspect; numbers stay with their site
+        when drop-attn removes others); IndexError naming the numbers there are."""
+        for site in self.sites:
+            if site.index == index:
+                return site
+        have = [s.index for s in self.sites]
+        listed = f"0..{have[-1]}" if have == list(range(len(have))) and have else \
+            ", ".join(map(str, have)) or "none"
+        raise IndexError(f"site {index} does not exist (the program has {len(have)} sites: "
+                         f"{listed})")
+
     def clone(self):
         """A program of the same class with its own graph and module hierarchy; tensors are
         shared until a pass replaces them (passes never edit a tensor in place)."""

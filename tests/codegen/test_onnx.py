@@ -24,7 +24,7 @@ TARGETS = ["onnx", "ort"]
 MODELS = ["llama-eager", "llama-sdpa", "gemma2-eager", "gpt2-sdpa", "bert-sdpa", "t5-sdpa",
           "whisper-sdpa", "mha", "bmm", "sdpa-causal", "masked-fill", "repeat-kv"]
 VARIANTS = ["sparse:window=3,sink=1", "sparse:window=4,heads=0;2", "share-kv:group=2",
-            "share-attn:group=2"]
+            "share-attn:group=2", "drop-attn:layers=1"]
 
 
 def tensors(out) -> list[torch.Tensor]:
