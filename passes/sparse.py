@@ -8,6 +8,11 @@
         or by default a window per head from 64..512), so that the whole model computes a
         fraction P of the causal score matrix at context N while changing the heads' outputs
         (through o_proj) least on calibration text (DuoAttention / MoA, without training).
+    sparse:topk=K[,block=B][,sink=S][,local=W][,estimate=mean|channels:C]
+        dynamic, training-free (Quest / Double Sparsity / FlexPrefill): per query block of B
+        tokens (default 64) and KV head, the sink (default 4), the local band (default B)
+        and the K key blocks a cheap estimate ranks highest (rewriter.ir.topk); on every
+        causal self-attention site.
 """
 
 from __future__ import annotations
@@ -19,10 +24,17 @@ from rewriter.ir.graph import canonical_nodes
 from rewriter.ir.masks import MaskSpec, causal_mask, head_table
 from rewriter.ir.ops import reference_probs
 from rewriter.ir.specs import Key, Spec, fraction, int_set, non_negative_int, positive_int
+from rewriter.ir.topk import TopKSpec
 from rewriter.passes.base import PassContext, PassResult
 from rewriter.passes.heads import site_heads
 from rewriter.passes.observe import calibrate, default_output
 from rewriter.passes.registry import variant
+
+
+def _estimate(text: str) -> str:
+    TopKSpec(1, estimate=text)  # raises SpecError with the reason
+    return text
+
 
 KEYS = {
     "window": Key(positive_int, "a positive integer (tokens)", metavar="W"),
@@ -34,24 +46,44 @@ KEYS = {
     "density": Key(fraction, "a fraction in (0, 1]", default=None, metavar="P"),
     "ctx": Key(positive_int, "the context length the density is measured at", default=1024,
                metavar="N"),
+    "topk": Key(positive_int, "a positive integer (key blocks per query block)", metavar="K"),
+    "block": Key(positive_int, "a positive integer (tokens per block)", default=None,
+                 metavar="B"),
+    "local": Key(non_negative_int, "an integer >= 0 (tokens)", default=None, metavar="W"),
+    "estimate": Key(_estimate, "mean or channels:C", default="mean",
+                    metavar="mean|channels:C"),
 }
 
 AUTO_WINDOW, AUTO_SINK = 64, 4
+TOPK_BLOCK = 64  # default block size; the local band defaults to one block
+TOPK_ONLY = ("topk", "block", "local", "estimate")
 WINDOW_CHOICES = (64, 96, 128, 192, 256, 384, 512)
 
 
 @variant("sparse", KEYS,
          "static sink + window masks on every site or a subset; with `heads=auto`, a calibrated "
          "window (or full attention) per KV head, at most a fraction P of the causal score "
-         "matrix at N tokens",
+         "matrix at N tokens; with `topk=K`, per query block of B tokens and KV head the sink, "
+         "the local band and the K key blocks a cheap estimate ranks highest (dynamic, "
+         "training-free)",
          usage=("sparse:window=W[,sink=S][,dilation=D][,layers=L][,heads=H]",
-                "sparse:heads=auto,density=P[,ctx=N]"))
+                "sparse:heads=auto,density=P[,ctx=N]",
+                "sparse:topk=K[,block=B][,sink=S][,local=W][,estimate=mean|channels:C]"))
 class SparsePass:
     name = "sparse"
 
     def __init__(self, spec: Spec):
         self.spec = spec
         p = spec.params
+        given = [k for k in TOPK_ONLY[1:] if p[k] not in (None, KEYS[k].default)]
+        if p["topk"] is not None:
+            others = [k for k in ("window", "dilation", "layers", "heads", "density")
+                      if p[k] not in (None, KEYS[k].default)]
+            if others:
+                raise SpecError(f"spec {spec}: topk= does not take {others[0]}=")
+            return
+        if given:
+            raise SpecError(f"spec {spec}: {given[0]}= only goes with topk=K")
         if p["heads"] == "auto":
             if p["density"] is None:
                 raise SpecError(f"spec {spec}: heads=auto needs density=P (a fraction in (0, 1])")
@@ -59,13 +91,16 @@ class SparsePass:
                 raise SpecError(f"spec {spec}: heads=auto does not take dilation")
         else:
             if p["window"] is None:
-                raise SpecError(f"spec {spec}: sparse needs window=W (or heads=auto,density=P)")
+                raise SpecError(f"spec {spec}: sparse needs window=W (or heads=auto,density=P, "
+                                "or topk=K)")
             if p["density"] is not None:
                 raise SpecError(f"spec {spec}: density= only goes with heads=auto")
 
     def run(self, program, ctx: PassContext) -> PassResult:
         program = program.clone()
         p = self.spec.params
+        if p["topk"] is not None:
+            return self._topk(program)
         if p["heads"] == "auto":
             tables = self._auto_tables(program, ctx)
         else:
@@ -99,6 +134,34 @@ class SparsePass:
                                        if (t := tables.get(s.index)) is not None)
             counts["density_at_ctx"] = self._density(program, tables, p["ctx"])
         return PassResult(program, bool(changed), counts)
+
+    # --- topk ----------------------------------------------------------------------------
+
+    def _topk(self, program) -> PassResult:
+        """Dynamic top-k block selection (rewriter.ir.topk) on every causal self-attention."""
+        p = self.spec.params
+        block = p["block"] or TOPK_BLOCK
+        spec = TopKSpec(p["topk"], block, AUTO_SINK if p["sink"] is None else p["sink"],
+                        block if p["local"] is None else p["local"], p["estimate"])
+        nodes = canonical_nodes(program.module)
+        changed = []
+        for site in program.sites:
+            if site.cross or not (site.is_causal or site.mask.startswith("causal")):
+                continue
+            if site.sparsity:
+                raise SpecError(f"spec {self.spec}: site {site.index} already has a sparsity "
+                                f"pattern ({site.sparsity}): topk replaces none")
+            node = nodes[site.node]
+            node.kwargs = {**node.kwargs, "sparsity": spec.format()}
+            site.sparsity = spec.format()
+            changed.append(site.index)
+        if not changed:
+            raise SpecError(f"spec {self.spec}: topk serves causal self-attention and the "
+                            "program has none")
+        program.module.recompile()
+        blocks = spec.sink // block + spec.local // block + spec.topk + 1
+        return PassResult(program, True, {"sites": len(changed), "topk": spec.format(),
+                                          "max_blocks_per_query_block": blocks})
 
     # --- heads=auto ---------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from rewriter.errors import RewriterError
 from rewriter.ir.graph import canonical_nodes, cleanup, copy_graph
 from rewriter.ir.ops import attention as _attention_op  # noqa: F401  (registers the ops)
 from rewriter.ir.precision import EXACT_TOLERANCE, float64_module
+from rewriter.ir.topk import is_topk
 
 __all__ = ["CacheEntry", "Decoder", "DecoderError", "build_decoder", "greedy_reference"]
 
@@ -223,8 +224,9 @@ def _set_outputs(graph: Graph, pasts: dict, presents: dict) -> list[CacheEntry]:
 
 def check_decoder(decoder: Decoder, prompt_len: int = 7, batch: int = 2,
                   tolerance: float = EXACT_TOLERANCE) -> float:
-    """Prefill ``prompt_len`` tokens, step one more, and compare each logits row with one
-    forward of the program over all of them, both in float64 (rewriter.ir.precision), so fp32
+    """Prefill ``prompt_len`` tokens, step one more (a prefill of all of them when a site
+    selects top-k blocks per call), and compare each logits row with one forward of the
+    program over all of them, both in float64 (rewriter.ir.precision), so fp32
     rounding cannot pass for a wrong surgery nor fail a right one; raises DecoderError past
     ``tolerance``. Returns the max relative error."""
     program = decoder.program
@@ -233,11 +235,17 @@ def check_decoder(decoder: Decoder, prompt_len: int = 7, batch: int = 2,
     ids = torch.randint(0, _vocab_size(decoder), (batch, prompt_len + 1), generator=gen)
     shared: dict = {}  # one float64 copy of the weights for both modules
     step = float64_module(decoder.module, shared)
+    # top-k sites select per call (rewriter.ir.topk): a step selects for itself, so only a
+    # prefill of the whole text is held to the program's forward
+    dynamic = any(is_topk(s.sparsity) for s in program.sites)
     with torch.no_grad():
         want = logits_fn(program, float64_module(program.module, shared))(ids)
-        first, *past = step(ids[:, :-1], *decoder.empty_cache(batch, torch.float64))
-        last, *_ = step(ids[:, -1:], *past)
-    got = torch.cat([first, last], dim=1)
+        if dynamic:
+            got, *_ = step(ids, *decoder.empty_cache(batch, torch.float64))
+        else:
+            first, *past = step(ids[:, :-1], *decoder.empty_cache(batch, torch.float64))
+            last, *_ = step(ids[:, -1:], *past)
+            got = torch.cat([first, last], dim=1)
     err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
     if not err <= tolerance:
         raise DecoderError(f"the decoder does not reproduce the program (prefill + step vs one "

@@ -41,8 +41,10 @@ from rewriter.codegen.onnx.masks import (
     to_4d,
     zero_nan,
 )
+from rewriter.codegen.onnx.topk import topk_keep
 from rewriter.ir.masks import MaskSpec
 from rewriter.ir.ops import attention as _registers_ops  # noqa: F401  (torch.ops.rewriter.*)
+from rewriter.ir.topk import TopKSpec, parse_sparsity
 
 ATTENTION = torch.ops.rewriter.attention.default
 CACHED = torch.ops.rewriter.cached_attention.default
@@ -133,7 +135,7 @@ def _standard_choice(decompose: bool, hq: int, hkv: int, cached: bool = False
 
 
 def _gqa_reason(what: str, hq: int, hkv: int, attrs: dict) -> str:
-    spec = MaskSpec.parse(attrs.get("sparsity", ""))
+    spec = parse_sparsity(attrs.get("sparsity", ""))
     how = "local_window_size" if _plain_window(spec) else \
         "attention_bias" if attrs.get("sparsity") else ""
     return f"{what}, {hq}/{hkv} heads" + (
@@ -141,9 +143,9 @@ def _gqa_reason(what: str, hq: int, hkv: int, attrs: dict) -> str:
         f", sparsity via {how}" if how else "")
 
 
-def _plain_window(spec: MaskSpec) -> bool:
-    return spec.window is not None and spec.heads is None and spec.sink == 0 \
-        and spec.dilation == 1
+def _plain_window(spec: MaskSpec | TopKSpec) -> bool:
+    return isinstance(spec, MaskSpec) and spec.window is not None and spec.heads is None \
+        and spec.sink == 0 and spec.dilation == 1
 
 
 # --- translations (traced onnxscript: called by torch.onnx once per node) ------------------
@@ -163,24 +165,34 @@ def translations(plans: list[SitePlan]) -> dict[object, Callable]:
             raise RuntimeError("more rewriter::attention nodes than planned sites")
         site = queue.pop(0)
         return impls[site.op](q, k, v, attn_mask, scale=scale, is_causal=is_causal,
-                              spec=MaskSpec.parse(sparsity), softcap=softcap)
+                              spec=parse_sparsity(sparsity), softcap=softcap)
 
     def rewriter_cached_attention(q, k, v, past_key, past_value, *, scale: float,
                                   sparsity: str = "", softcap: float = 0.0):
         if not cached_queue:
             raise RuntimeError("more rewriter::cached_attention nodes than planned sites")
         site = cached_queue.pop(0)
-        impl = standard_concat if site.op == STANDARD and site.rereads else cached_impls[site.op]
-        return impl(q, k, v, past_key, past_value, scale=scale, spec=MaskSpec.parse(sparsity),
-                    softcap=softcap)
+        spec = parse_sparsity(sparsity)
+        # top-k reads all keys, which Attention's own past input keeps inside the op
+        concat = site.rereads or isinstance(spec, TopKSpec)
+        impl = standard_concat if site.op == STANDARD and concat else cached_impls[site.op]
+        return impl(q, k, v, past_key, past_value, scale=scale, spec=spec, softcap=softcap)
 
     return {ATTENTION: rewriter_attention, CACHED: rewriter_cached_attention}
+
+
+def keep_mask(spec: MaskSpec | TopKSpec, q, k, sk=None, kv_heads: int | None = None):
+    """The sparsity keep-mask: [1, Hs, Sq, Sk] for a static MaskSpec, [B, Hq, Sq, Sk] for
+    top-k (which reads every key: ``k`` must then hold them all)."""
+    if isinstance(spec, TopKSpec):
+        return topk_keep(spec, q, k, q.shape[1], kv_heads or k.shape[1], q.shape[3])
+    return sparsity_keep(spec, q, k, sk)
 
 
 def standard(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap):
     """ONNX Attention (opset 23): 4-D inputs, GQA by head counts, top-left is_causal, softcap
     before the mask; a row with no key left gives zeros (as in ORT's CPU kernel)."""
-    keep = None if spec.is_dense else sparsity_keep(spec, q, k)
+    keep = None if spec.is_dense else keep_mask(spec, q, k)
     mask = merge(attn_mask, keep)
     y, *_ = op.Attention(q, k, v, None if mask is None else to_4d(mask), scale=scale,
                          is_causal=int(is_causal), softcap=softcap)
@@ -207,7 +219,7 @@ def decomposed(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap,
         causal = causal_keep(q, k)
         keep = causal if keep is None else op.And(keep, causal)
     if not spec.is_dense:
-        sparse = sparsity_keep(spec, q, k)
+        sparse = keep_mask(spec, q, k, kv_heads=hkv)
         keep = sparse if keep is None else op.And(keep, sparse)
     masked = attn_mask is not None or keep is not None
     if masked:
@@ -248,7 +260,9 @@ def _group_query(q, k, v, past_key, past_value, total, attn_mask, *, scale, spec
     zeros after). Returns (y [B, Hq, S, Dv], present_key, present_value)."""
     hq, hkv = q.shape[1], k.shape[1]
     window = spec.window if _plain_window(spec) else -1
-    keep = None if spec.is_dense or window > 0 else sparsity_keep(spec, q, k, total)
+    keys = k if past_key is None or not isinstance(spec, TopKSpec) else \
+        op.Concat(past_key, k, axis=2)
+    keep = None if spec.is_dense or window > 0 else keep_mask(spec, q, keys, total, hkv)
     add = None if attn_mask is None and keep is None else bias(attn_mask, keep, q)
     total32 = op.Cast(total, to=ir.DataType.INT32)
     seqlens = op.Expand(op.Sub(total32, op.Constant(value=ir.tensor(np.int32(1)))),
@@ -267,7 +281,7 @@ def multi_head(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap)
     del softcap  # plan() sends softcap sites elsewhere
     keep = causal_keep(q, k) if is_causal else None
     if not spec.is_dense:
-        sparse = sparsity_keep(spec, q, k)
+        sparse = keep_mask(spec, q, k)
         keep = sparse if keep is None else op.And(keep, sparse)
     add = None if attn_mask is None and keep is None else bias(attn_mask, keep, q)
     y = contrib.MultiHeadAttention(_pack(q), k, v, None, None, add, num_heads=q.shape[1],
@@ -283,10 +297,14 @@ def _total_length(k, past_key):
     return op.Add(dim(past_key, 2), dim(k, 2))
 
 
-def _cache_keep(spec: MaskSpec, q, k, total):
-    """[1, Hs, S, P+S] bool: causal bottom-right over ``total`` keys, and the sparsity."""
+def _cache_keep(spec: MaskSpec | TopKSpec, q, k, total, keys=None):
+    """[1, Hs, S, P+S] bool: causal bottom-right over ``total`` keys, and the sparsity
+    (top-k reads ``keys``, past and new)."""
     keep = causal_keep_bottom_right(q, k, total)
-    return keep if spec.is_dense else op.And(keep, sparsity_keep(spec, q, k, total))
+    if spec.is_dense:
+        return keep
+    return op.And(keep, keep_mask(spec, q, keys if keys is not None else k, total,
+                                  k.shape[1]))
 
 
 def _concat_cache(k, v, past_key, past_value):
@@ -308,7 +326,7 @@ def standard_concat(q, k, v, past_key, past_value, *, scale, spec: MaskSpec, sof
     site returns as present (share-kv), as ORT's Attention insists on writing a present
     output whenever it is given a past."""
     present_key, present_value = _concat_cache(k, v, past_key, past_value)
-    keep = _cache_keep(spec, q, k, _total_length(k, past_key))
+    keep = _cache_keep(spec, q, k, _total_length(k, past_key), present_key)
     y, *_ = op.Attention(q, present_key, present_value, keep, scale=scale, is_causal=0,
                          softcap=softcap)
     return y, present_key, present_value

@@ -17,7 +17,8 @@ Semantics, in this order::
     s = s.masked_fill(~attn_mask, -inf)        bool mask (True = attend)
     s = s.masked_fill(~causal, -inf)           if is_causal (top-left aligned, as in SDPA)
     s = s.masked_fill(~sparsity_mask, -inf)    if sparsity (a MaskSpec string, bottom-right
-                                               aligned: see rewriter.ir.masks)
+                                               aligned: see rewriter.ir.masks; or a dynamic
+                                               top-k block selection: rewriter.ir.topk)
     out = softmax(s, -1) @ v                   (a row with no key left gives zeros)
 
 Canonicalizing a model is an identity transform: the eager implementation defers to SDPA
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rewriter.ir.masks import MaskSpec, causal_mask
+from rewriter.ir.topk import TopKSpec, is_topk, topk_attention
 
 __all__ = ["attention", "attention_grads", "cached_attention", "reference_attention",
            "reference_probs"]
@@ -58,6 +60,7 @@ def reference_probs(
     """Attention probabilities [B, Hq, Sq, Sk] in fp32, or float64 for float64 inputs (rows
     with no key left are zeros)."""
     _check_shapes(q, k, k)
+    keys = k  # as given: top-k selects per KV head
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
@@ -75,8 +78,7 @@ def reference_probs(
         causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~causal, float("-inf"))
     if sparsity:
-        keep = sparsity_mask(sparsity, sq, sk, q.shape[1], q.device)
-        s = s.masked_fill(~keep, float("-inf"))
+        s = s.masked_fill(~sparsity_keep(sparsity, q, keys), float("-inf"))
     p = torch.softmax(s, dim=-1)
     return torch.nan_to_num(p, nan=0.0)  # a row with every key masked attends to nothing
 
@@ -107,6 +109,15 @@ def sparsity_mask(sparsity: str, sq: int, sk: int, num_heads: int, device) -> Te
     return MaskSpec.parse(sparsity).dense(sq, sk, num_heads, device=device).unsqueeze(0)
 
 
+def sparsity_keep(sparsity: str, q: Tensor, k: Tensor) -> Tensor:
+    """The keep-mask of any ``sparsity`` string: [1, H or 1, Sq, Sk] for a static MaskSpec,
+    [B, Hq, Sq, Sk] for top-k (rewriter.ir.topk), which reads q and k (as given, before any
+    GQA repeat)."""
+    if is_topk(sparsity):
+        return TopKSpec.parse(sparsity).keep(q, k)
+    return sparsity_mask(sparsity, q.shape[-2], k.shape[-2], q.shape[1], q.device)
+
+
 @torch.library.custom_op("rewriter::attention", mutates_args=())
 def attention(
     q: Tensor,
@@ -129,6 +140,13 @@ def attention(
     sq, sk = q.shape[-2], k.shape[-2]
     if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:
         attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype
+    if is_topk(sparsity):
+        if is_causal and sq < sk:  # top-left: stricter than top-k's own bottom-right one
+            causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+            attn_mask = causal if attn_mask is None else (
+                attn_mask & causal if attn_mask.dtype == torch.bool
+                else attn_mask.masked_fill(~causal, float("-inf")))
+        return topk_attention(q, k, v, attn_mask, scale=scale, spec=TopKSpec.parse(sparsity))
     if sparsity:
         # Fold the static mask (and causal) into one boolean mask for SDPA.
         keep = sparsity_mask(sparsity, sq, sk, q.shape[1], q.device)

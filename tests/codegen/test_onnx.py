@@ -24,7 +24,8 @@ TARGETS = ["onnx", "ort"]
 MODELS = ["llama-eager", "llama-sdpa", "gemma2-eager", "gpt2-sdpa", "bert-sdpa", "t5-sdpa",
           "whisper-sdpa", "mha", "bmm", "sdpa-causal", "masked-fill", "repeat-kv"]
 VARIANTS = ["sparse:window=3,sink=1", "sparse:window=4,heads=0;2", "share-kv:group=2",
-            "share-attn:group=2", "drop-attn:layers=1"]
+            "share-attn:group=2", "drop-attn:layers=1", "sparse:topk=1,block=2,sink=1,local=2",
+            "sparse:topk=2,block=3,local=1,estimate=channels:2"]
 
 
 def tensors(out) -> list[torch.Tensor]:

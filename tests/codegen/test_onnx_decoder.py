@@ -91,7 +91,9 @@ def test_zoo_generation(llama, tmp_path, target, decompose):
 @pytest.mark.parametrize("spec", ["sparse:window=3,sink=1", "sparse:window=4",
                                   "sparse:window=4,heads=0;2", "gqa:kv-heads=1,merge=mean",
                                   "share-kv:group=2", "share-attn:group=2",
-                                  "prune-heads:heads=0.0;0.1;1.2;1.3", "drop-attn:layers=0"])
+                                  "prune-heads:heads=0.0;0.1;1.2;1.3", "drop-attn:layers=0",
+                                  "sparse:topk=1,block=2,sink=1,local=2",
+                                  "sparse:topk=2,block=3,local=1,estimate=channels:2"])
 def test_variant_decoders(llama, tmp_path, spec, target):
     prog = rw.rewrite(llama[0], spec)
     dec = build_decoder(prog)
