@@ -181,6 +181,14 @@ def _pool_matrix(block_of: Tensor, blocks: int) -> Tensor:
     return onehot / onehot.sum(-1, keepdim=True).clamp_min(1.0)
 
 
+def _blocks(x: Tensor, blocks: int, size: int) -> Tensor:
+    """[B, H, S, D] zero-padded to blocks * size positions, as [B, H, blocks, size, D]."""
+    pad = blocks * size - x.shape[2]
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    return x.unflatten(2, (blocks, size))
+
+
 def is_topk(sparsity: str) -> bool:
     return sparsity.startswith("topk=")
 
@@ -195,47 +203,58 @@ def parse_sparsity(sparsity: str):
 
 def topk_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, *,
                    scale: float, spec: TopKSpec) -> Tensor:
-    """Attention under ``spec`` computing only the kept key blocks: per query block, the
-    union over KV heads of sink, local and selected blocks is gathered (each block once), and
-    SDPA runs on it with the element mask. Equals attention with ``spec.keep`` to fp32
-    rounding; ``attn_mask`` (bool or additive, broadcast to [B, Hq, Sq, Sk]) is ANDed in."""
-    bt, hq, sq, _ = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
+    """Attention under ``spec`` computing only the kept key blocks. Per query block, each KV
+    head gathers its own blocks (sink, local band, selected; each once, padded to the most
+    any head keeps) and SDPA runs on them with the element mask. Equals attention with
+    ``spec.keep`` to fp32 rounding; ``attn_mask`` (bool or additive, broadcast to
+    [B, Hq, Sq, Sk]) is ANDed in."""
+    bt, hq, sq, d = q.shape
+    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[-1]
     group, size = hq // hkv, spec.block
+    offset = sk - sq
     first, nq = spec.query_blocks(sq, sk)
     nk = -(-sk // size)
     sel = spec.selected(q, k)  # [B, Hkv, nQ, nK]
     kb = torch.arange(nk, device=q.device)
-    out = q.new_zeros((bt, hq, sq, v.shape[-1]))
+    within = torch.arange(size, device=q.device)
+    # K/V as whole blocks [B, Hkv, nK, size, D]: a query block copies the blocks it reads
+    k_blocks, v_blocks = _blocks(k, nk, size), _blocks(v, nk, size)
+    batch_ix = torch.arange(bt, device=q.device).view(-1, 1, 1)
+    head_ix = torch.arange(hkv, device=q.device).view(1, -1, 1)
+    out = q.new_empty((bt, hq, sq, dv))
     if attn_mask is not None:
         attn_mask = attn_mask.expand(bt, hq, sq, sk)
+    # rows can be left with no key only without a local band (or under the model's mask)
+    may_empty = spec.local == 0 or attn_mask is not None
     for b in range(nq):
         block = first + b
-        lo = max(0, block * size - (sk - sq))  # rows of this query block in the call
-        hi = min(sq, (block + 1) * size - (sk - sq))
-        p = torch.arange(lo, hi, device=q.device) + (sk - sq)
-        last = int(p[-1])
-        static = (kb * size < spec.sink) | \
-            ((kb * size <= last) & ((kb + 1) * size - 1 > int(p[0]) - spec.local))
-        need = (sel[:, :, b] | static).any(0).any(0) & (kb <= block)  # [nK]
-        blocks = need.nonzero().flatten()
-        keys = (blocks.view(-1, 1) * size + torch.arange(size, device=q.device)).flatten()
-        keys = keys[keys < sk]  # [L]
-        # element mask over the gathered keys: causal & (sink | local | selected block)
-        j = keys.view(1, -1)
-        pos = p.view(-1, 1)
-        base = (j <= pos) & ((j < spec.sink) | (pos - j < spec.local))  # [rows, L]
-        chosen = sel[:, :, b][..., keys // size]  # [B, Hkv, L]
-        mask = base | (chosen.unsqueeze(2) & (j <= pos))  # [B, Hkv, rows, L]
-        mask = mask.repeat_interleave(group, dim=1)
+        lo, hi = max(0, block * size - offset), min(sq, (block + 1) * size - offset)
+        p = (torch.arange(lo, hi, device=q.device) + offset).view(-1, 1)  # [rows, 1]
+        band = (kb * size <= hi - 1 + offset) & ((kb + 1) * size - 1 > lo + offset - spec.local)
+        static = (kb * size < spec.sink) | band  # [nK]: blocks every head reads
+        chosen = sel[:, :, b]  # [B, Hkv, nK]
+        need = (chosen | static) & (kb <= block)
+        kept = need.sum(-1, keepdim=True)
+        count = int(kept.max())
+        order = torch.argsort((~need).to(torch.int8), dim=-1, stable=True)[..., :count]
+        pos = (order.unsqueeze(-1) * size + within).flatten(2)  # [B, Hkv, L] key positions
+        real = (torch.arange(count, device=q.device) < kept).repeat_interleave(size, -1) \
+            & (pos < sk)
+        # per key: kept whatever the row (a selected block, the sink) once causal
+        anyway = chosen.gather(-1, order).repeat_interleave(size, dim=-1) | (pos < spec.sink)
+        dist = p - pos.unsqueeze(2)  # [B, Hkv, rows, L]
+        mask = (dist >= 0) & ((dist < spec.local) | anyway.unsqueeze(2)) & real.unsqueeze(2)
+        mask = mask.repeat_interleave(group, dim=1)  # [B, Hq, rows, L]
         if attn_mask is not None:
-            model = attn_mask[:, :, lo:hi][..., keys]
+            index = pos.clamp_max(sk - 1).repeat_interleave(group, dim=1).unsqueeze(2)
+            model = attn_mask[:, :, lo:hi].gather(-1, index.expand(-1, -1, hi - lo, -1))
             if model.dtype == torch.bool:
                 mask = mask & model
             else:
                 mask = model.to(q.dtype).masked_fill(~mask, float("-inf"))
+        keys = k_blocks[batch_ix, head_ix, order].flatten(2, 3)  # [B, Hkv, L, D]
+        values = v_blocks[batch_ix, head_ix, order].flatten(2, 3)
         o = torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, lo:hi], k[:, :, keys], v[:, :, keys], attn_mask=mask, scale=scale,
-            enable_gqa=group > 1)
-        out[:, :, lo:hi] = torch.nan_to_num(o, nan=0.0)
+            q[:, :, lo:hi], keys, values, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+        out[:, :, lo:hi] = torch.nan_to_num(o, nan=0.0) if may_empty else o
     return out
