@@ -20,6 +20,7 @@ from rewriter.codegen.triton.op import attention_triton
 from rewriter.codegen.triton.spec import KernelSpec
 from rewriter.errors import SpecError
 from rewriter.ir.masks import MaskSpec
+from rewriter.ir.topk import TopKSpec, is_topk
 
 __all__ = ["BACKEND", "KernelSpec", "TritonBackend", "attention_triton", "triton_attention"]
 
@@ -67,18 +68,36 @@ class TritonBackend:
                                  softcap=site.softcap if softcap is None else softcap,
                                  mask=mask, sparsity=sparsity)
 
+    def topk_spec(self, site, *, dtype=None, mask: str = "none", sparsity: str | None = None,
+                  softcap: float | None = None, **_) -> TopKSpec:
+        """A top-k site's selection spec, checked against what its kernel serves."""
+        from rewriter.codegen.triton.topk import check
+
+        spec = TopKSpec.parse(site.sparsity if sparsity is None else sparsity)
+        check(spec, dtype=dtype or torch.float32, head_dim=site.head_dim,
+              v_head_dim=site.v_head_dim, mask=mask,
+              softcap=site.softcap if softcap is None else softcap)
+        return spec
+
     def supports(self, site, **call) -> tuple[bool, str]:
         """(ok, reason) for an AttentionSite (call: dtype=, mask= from the graph, if known)."""
         if site.dropout > 0:
             return False, f"attention dropout {site.dropout:g} (the kernel has none)"
         try:
-            self.kernel_spec(site, **call)
+            if is_topk(call.get("sparsity") or site.sparsity):
+                self.topk_spec(site, **call)
+            else:
+                self.kernel_spec(site, **call)
         except SpecError as exc:
             return False, str(exc)
         return True, ""
 
     def lower_site(self, site, **call) -> dict:
         """Write (or find) the site's kernel source; the record names it."""
+        if is_topk(call.get("sparsity") or site.sparsity):
+            spec = self.topk_spec(site, **call)
+            return {"kernel": f"topk_attn_fwd (block {spec.block})", "key": None,
+                    "inference_only": True}
         spec = self.kernel_spec(site, **call)
         cache.emit(spec)
         return {"kernel": spec.name, "key": spec.key, "inference_only": True}

@@ -14,6 +14,8 @@ from torch import Tensor
 from rewriter.codegen.triton import cache
 from rewriter.codegen.triton.spec import KernelSpec, head_windows, mask_kind
 from rewriter.codegen.triton.template import next_pow2
+from rewriter.errors import SpecError
+from rewriter.ir.topk import TopKSpec, is_topk
 
 
 def tile_sizes(spec: KernelSpec, sq: int, sk: int) -> tuple[int, int, int, int]:
@@ -48,6 +50,13 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None =
     """rewriter::attention through the generated kernel (forward only). q [B, Hq, Sq, D],
     k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv] -> [B, Hq, Sq, Dv]. Raises SpecError for what the
     generator does not serve (see `KernelSpec.create`)."""
+    if is_topk(sparsity):  # a dynamic selection: its own kernel (rewriter.codegen.triton.topk)
+        from rewriter.codegen.triton.topk import topk_triton_attention
+
+        if softcap > 0:
+            raise SpecError("topk with softcap: the Triton kernel has none")
+        return topk_triton_attention(q, k, v, attn_mask, scale=scale,
+                                     spec=TopKSpec.parse(sparsity), is_causal=is_causal)
     spec = kernel_spec(q, k, v, attn_mask, is_causal=is_causal, sparsity=sparsity,
                        softcap=softcap)
     kernel = cache.load(spec)
