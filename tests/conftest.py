@@ -17,6 +17,23 @@ if str(TESTS) not in sys.path:
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
+# Triton decorates its own library (tl.zeros, tl.max, ...) when first imported, and kernels run
+# by the interpreter (tests/codegen) can only call it if that import saw TRITON_INTERPRET=1.
+# Any custom-op call imports torch._dynamo, which imports triton: do it first, here, under the
+# interpreter flag, so the test order cannot decide.
+if "triton" not in sys.modules:
+    _was = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if _was is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _was
+
 
 @pytest.fixture(scope="session")
 def zoo_captured():

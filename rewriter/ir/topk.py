@@ -123,13 +123,13 @@ class TopKSpec:
         first, nq = self.query_blocks(sq, sk)
         nk = -(-sk // self.block)
         acc = torch.promote_types(q.dtype, torch.float32)  # fp32 at least; float64 stays
-        rows = torch.arange(sq, device=q.device) + (sk - sq)
-        q_pool = _pool_matrix(rows // self.block - first, nq).to(acc)  # [nQ, Sq]
-        q_bar = (q_pool @ q.to(acc)).view(bt, hkv, hq // hkv, nq, d).mean(2)  # [B, Hkv, nQ, D]
+        # query rows sit at positions offset.. : pad in front to the first block's start
+        front = (sk - sq) - first * self.block
+        q_bar = _block_means(q.to(acc), nq, self.block, front)  # [B, Hq, nQ, D]
+        q_bar = q_bar.view(bt, hkv, hq // hkv, nq, d).mean(2)  # [B, Hkv, nQ, D]
         kf = k.to(acc)
         if self.channels is None:
-            k_pool = _pool_matrix(torch.arange(sk, device=k.device) // self.block, nk).to(acc)
-            return q_bar @ (k_pool @ kf).transpose(-1, -2)
+            return q_bar @ _block_means(kf, nk, self.block).transpose(-1, -2)
         c = min(self.channels, d)
         picked = q_bar.abs().topk(c, dim=-1).indices
         u = torch.zeros_like(q_bar).scatter(-1, picked, q_bar.gather(-1, picked))
@@ -174,11 +174,16 @@ class TopKSpec:
         return float(self.keep(q, k).sum() / (causal.sum() * q.shape[0] * q.shape[1]))
 
 
-def _pool_matrix(block_of: Tensor, blocks: int) -> Tensor:
-    """[blocks, N] fp32: row b averages the N items whose block_of is b."""
-    onehot = (block_of.view(1, -1) == torch.arange(blocks, device=block_of.device).view(-1, 1))
-    onehot = onehot.float()
-    return onehot / onehot.sum(-1, keepdim=True).clamp_min(1.0)
+def _block_means(x: Tensor, blocks: int, size: int, front: int = 0) -> Tensor:
+    """[B, H, S, D] -> [B, H, blocks, D]: means over consecutive runs of ``size`` rows, the
+    first run starting ``front`` rows before row 0 (padding rows do not count)."""
+    back = blocks * size - front - x.shape[2]
+    padded = torch.nn.functional.pad(x, (0, 0, front, back))
+    sums = padded.unflatten(2, (blocks, size)).sum(3)
+    counts = torch.full((blocks,), float(size), dtype=x.dtype, device=x.device)
+    counts[0] -= front
+    counts[-1] -= back
+    return sums / counts.view(-1, 1)
 
 
 def _blocks(x: Tensor, blocks: int, size: int) -> Tensor:
