@@ -1,6 +1,6 @@
 """Top-k block selection (rewriter.ir.topk) built inside the ONNX graph with standard ops.
 
-The same definition as `TopKSpec.keep`, step for step: block means by a pooling MatMul, the
+The same definition as `TopKSpec.keep`, step for step: block means (Pad, Reshape, ReduceSum), the
 estimate, the eligible blocks, TopK, then the token-level keep-mask. Traced onnxscript helpers
 (called while torch.onnx translates a node). Shape glossary: B batch, Hq/Hkv heads, G = Hq/Hkv,
 Sq queries, Sk keys, D head dim, nQ query blocks in the call, nK key blocks.
@@ -22,13 +22,22 @@ from rewriter.ir.topk import TopKSpec
 FLOAT = ir.DataType.FLOAT
 
 
-def _pool(block_of, blocks):
-    """[blocks, N] fp32: row b averages the items whose block_of is b (rewriter.ir.topk)."""
-    onehot = op.Cast(op.Equal(op.Unsqueeze(block_of, const([0])),
-                              op.Unsqueeze(op.Range(const(0), blocks, const(1)), const([1]))),
-                     to=FLOAT)
-    count = op.Max(op.ReduceSum(onehot, const([1]), keepdims=1), const(1.0, np.float32))
-    return op.Div(onehot, count)
+def _block_means(x, blocks, size: int, head_dim: int, front=None):
+    """[B, H, S, D] -> [B, H, blocks, D]: means over runs of ``size`` rows, the first run
+    starting ``front`` rows before row 0 (pads do not count). Pad + Reshape + ReduceSum: linear
+    in S (a pooling MatMul would cost S * blocks)."""
+    length = dim(x, 2)
+    zero = const(0)
+    front = zero if front is None else front
+    back = op.Sub(op.Sub(op.Mul(blocks, const(size)), front), length)
+    pads = op.Concat(const([0, 0]), op.Unsqueeze(front, const([0])), const([0, 0, 0]),
+                     op.Unsqueeze(back, const([0])), const([0]), axis=0)
+    sums = op.ReduceSum(op.Reshape(op.Pad(x, pads), const([0, 0, -1, size, head_dim])),
+                        const([3]), keepdims=0)
+    starts = op.Mul(op.Range(zero, blocks, const(1)), const(size))  # [blocks]
+    real = op.Sub(op.Min(op.Add(starts, const(size)), op.Add(front, length)),
+                  op.Max(starts, front))
+    return op.Div(sums, op.Cast(op.Unsqueeze(real, const([1])), to=FLOAT))
 
 
 def _zeros_like(x):
@@ -49,11 +58,12 @@ def topk_keep(spec: TopKSpec, q, k, q_heads: int, kv_heads: int, head_dim: int):
     row_block = op.Sub(op.Div(rows, size), first)
     key_block = op.Div(keys, size)
     qf, kf = op.Cast(q, to=FLOAT), op.Cast(k, to=FLOAT)
-    q_bar = op.MatMul(_pool(row_block, nq), qf)  # [B, Hq, nQ, D]
+    front = op.Sub(offset, op.Mul(first, size))  # query rows start this far into block 0
+    q_bar = _block_means(qf, nq, spec.block, head_dim, front)  # [B, Hq, nQ, D]
     q_bar = op.ReduceMean(op.Reshape(q_bar, const([0, kv_heads, group, -1, head_dim])),
                           const([2]), keepdims=0)  # [B, Hkv, nQ, D]
     if spec.channels is None:
-        k_bar = op.MatMul(_pool(key_block, nk), kf)  # [B, Hkv, nK, D]
+        k_bar = _block_means(kf, nk, spec.block, head_dim)  # [B, Hkv, nK, D]
         scores = op.MatMul(q_bar, op.Transpose(k_bar, perm=[0, 1, 3, 2]))
     else:
         c = min(spec.channels, head_dim)
