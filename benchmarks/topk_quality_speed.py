@@ -2,7 +2,7 @@
 SmolLM2 perplexity and prefill speed at 1k-4k tokens.
 
     .venv/bin/python benchmarks/topk_quality_speed.py [--ctx 1024 2048 4096] [--windows 4]
-        [--density 0.25] [--block 64] [--reps 3] [--threads 2]
+        [--density 0.25] [--block 64] [--reps 3] [--threads 2] [--onnx]
         [--out benchmarks/results/topk_quality_speed.json]
 
 Per context N: `sparse:heads=auto,density=P,ctx=N` (calibrated on 4 windows of N tokens from
@@ -10,7 +10,9 @@ the start of the text) and `sparse:topk=K,block=B` with the smallest K whose kep
 the causal score matrix at N is >= P (measured on the mask itself), with both estimates
 (`mean`, `channels:16`). Perplexity on held-out windows (40k tokens into the text); prefill
 time of one window (batch 1, eager backend, `--threads` threads), candidates interleaved,
-medians of `--reps`. Writes JSON after every context; asserts nothing.
+medians of `--reps`. With `--onnx`, the same prefill in ONNX Runtime (`target="ort"`; top-k's
+selection is built in-graph and reaches GroupQueryAttention as a dense bias). Writes JSON after
+every context; asserts nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,6 +60,30 @@ def prefill_seconds(programs: dict, ids: torch.Tensor, reps: int) -> dict[str, f
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def onnx_prefill_seconds(programs: dict, ids: torch.Tensor, reps: int, threads: int
+                         ) -> dict[str, float]:
+    """Median seconds of one ONNX Runtime prefill per program (exported with target="ort"),
+    runs interleaved."""
+    from rewriter import onnx as rwonnx
+
+    sessions = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, prog) in enumerate(programs.items()):
+            path = Path(tmp) / f"m{i}.onnx"
+            prog.export_onnx(path, "ort")
+            sessions[name] = rwonnx.session(path, threads=threads)
+        args, kwargs = next(iter(programs.values())).call_with_tokens(ids)
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        for sess in sessions.values():
+            rwonnx.run(sess, *args, **kwargs)  # warm-up
+        for _ in range(reps):
+            for name, sess in sessions.items():
+                t0 = time.perf_counter()
+                rwonnx.run(sess, *args, **kwargs)
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ctx", type=int, nargs="+", default=[1024, 2048, 4096])
@@ -65,6 +92,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--onnx", action="store_true", help="also time ONNX Runtime prefill")
     parser.add_argument("--out", default="benchmarks/results/topk_quality_speed.json")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
@@ -98,15 +126,22 @@ def main() -> None:
             row["prefill_s"] = round(seconds[row["variant"]], 4)
             row["tokens_per_s"] = round(ctx / seconds[row["variant"]], 1)
             row["speedup_vs_dense"] = round(seconds["dense"] / seconds[row["variant"]], 3)
+        if opts.onnx:
+            ort = onnx_prefill_seconds({n: p for n, (p, _) in candidates.items()},
+                                       windows[:1], opts.reps, opts.threads)
+            for row in rows:
+                row["ort_prefill_s"] = round(ort[row["variant"]], 4)
+                row["ort_speedup_vs_dense"] = round(ort["dense"] / ort[row["variant"]], 3)
         result["contexts"].append({"ctx": ctx, "windows": int(windows.shape[0]), "rows": rows})
         atomic_file(out, json.dumps(result, indent=2) + "\n")
-    print("\n| ctx | variant | density | ppl | x dense | prefill s | speed vs dense |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| ctx | variant | density | ppl | x dense | prefill s | speed vs dense | ORT |")
+    print("|---|---|---|---|---|---|---|---|")
     for c in result["contexts"]:
         for r in c["rows"]:
+            ort = f"{r['ort_speedup_vs_dense']:.2f}x" if "ort_speedup_vs_dense" in r else "-"
             print(f"| {c['ctx']} | {r['variant']} | {r['density']:.3f} | {r['ppl']:.2f} | "
                   f"{r['x_dense_ppl']:.3f} | {r['prefill_s']:.2f} | "
-                  f"{r['speedup_vs_dense']:.2f}x |")
+                  f"{r['speedup_vs_dense']:.2f}x | {ort} |")
 
 
 if __name__ == "__main__":
