@@ -25,7 +25,9 @@ def hf_expressible(program) -> tuple[bool, str]:
         return False, "sparse masks or cross-layer sharing have no transformers config field"
     layers = getattr(config, "num_hidden_layers", None)
     if layers is not None and len(sites) != layers:
-        return False, f"{layers - len(sites)} attention layers dropped: no config field says so"
+        dropped = layers - len(sites)
+        return False, (f"{dropped} attention layer{'s' if dropped != 1 else ''} dropped: no "
+                       "transformers config field says so")
     heads = {(s.num_heads, s.num_kv_heads, s.head_dim) for s in sites}
     if len(heads) != 1:
         return False, f"per-layer head counts differ ({sorted(heads)[:3]}...): saved as .pt2 only"
