@@ -154,7 +154,9 @@ def list_kernels(as_json: bool) -> None:
         table.add_column(col)
     for e in entries:
         sparsity = ("per-head" if e.get("per_head") else
-                    f"window={e['window']}" if e.get("window") else "dense")
+                    f"window={e['window']}" if e.get("window") else
+                    f"neighborhood={e['neighborhood']},grid={'x'.join(map(str, e['grid']))}"
+                    if e.get("neighborhood") else "dense")
         sparsity += f",sink={e['sink']}" if e.get("sink") else ""
         sparsity += f",dilation={e['dilation']}" if e.get("dilation", 1) > 1 else ""
         table.add_row(e["key"], e["name"], str(e.get("dtype", "")), str(e.get("head_dim", "")),

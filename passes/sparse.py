@@ -13,6 +13,10 @@
         tokens (default 64) and KV head, the sink (default 4), the local band (default B)
         and the K key blocks a cheap estimate ranks highest (rewriter.ir.topk); on every
         causal self-attention site.
+    sparse:neighborhood=K[,dilation=D][,grid=HxW|TxHxW][,global=N][,layers=L]
+        neighbourhood attention on a vision token grid (NATTEN's definition, rewriter.ir.masks):
+        each grid token reads the KxK (KxKxK) grid tokens around it and the N global tokens;
+        the grid comes from the patch embedding unless given (passes/neighborhood.py).
 """
 
 from __future__ import annotations
@@ -23,10 +27,19 @@ from rewriter.errors import SpecError
 from rewriter.ir.graph import canonical_nodes
 from rewriter.ir.masks import MaskSpec, causal_mask, head_table
 from rewriter.ir.ops import reference_probs
-from rewriter.ir.specs import Key, Spec, fraction, int_set, non_negative_int, positive_int
+from rewriter.ir.specs import (
+    Key,
+    Spec,
+    fraction,
+    grid_shape,
+    int_set,
+    non_negative_int,
+    positive_int,
+)
 from rewriter.ir.topk import TopKSpec
 from rewriter.passes.base import PassContext, PassResult
 from rewriter.passes.heads import site_heads
+from rewriter.passes.neighborhood import neighborhood_masks
 from rewriter.passes.observe import calibrate, default_output
 from rewriter.passes.registry import variant
 
@@ -52,6 +65,11 @@ KEYS = {
     "local": Key(non_negative_int, "an integer >= 0 (tokens)", default=None, metavar="W"),
     "estimate": Key(_estimate, "mean or channels:C", default="mean",
                     metavar="mean|channels:C"),
+    "neighborhood": Key(positive_int, "an odd positive integer (kernel size per axis)",
+                        metavar="K"),
+    "grid": Key(grid_shape, "HxW or TxHxW (grid tokens per axis)", metavar="HxW|TxHxW"),
+    "global": Key(non_negative_int, "an integer >= 0 (tokens before the grid)",
+                  metavar="N"),
 }
 
 AUTO_WINDOW, AUTO_SINK = 64, 4
@@ -65,16 +83,21 @@ WINDOW_CHOICES = (64, 96, 128, 192, 256, 384, 512)
          "window (or full attention) per KV head, at most a fraction P of the causal score "
          "matrix at N tokens; with `topk=K`, per query block of B tokens and KV head the sink, "
          "the local band and the K key blocks a cheap estimate ranks highest (dynamic, "
-         "training-free)",
+         "training-free); with `neighborhood=K`, NATTEN's KxK (KxKxK) neighbourhoods on a "
+         "vision token grid read from the patch embedding, plus the global (CLS) tokens",
          usage=("sparse:window=W[,sink=S][,dilation=D][,layers=L][,heads=H]",
                 "sparse:heads=auto,density=P[,ctx=N]",
-                "sparse:topk=K[,block=B][,sink=S][,local=W][,estimate=mean|channels:C]"))
+                "sparse:topk=K[,block=B][,sink=S][,local=W][,estimate=mean|channels:C]",
+                "sparse:neighborhood=K[,dilation=D][,grid=HxW|TxHxW][,global=N]"))
 class SparsePass:
     name = "sparse"
 
     def __init__(self, spec: Spec):
         self.spec = spec
         p = spec.params
+        if p["neighborhood"] is not None or p["grid"] is not None or p["global"] is not None:
+            self._check_neighborhood()
+            return
         given = [k for k in TOPK_ONLY[1:] if p[k] not in (None, KEYS[k].default)]
         if p["topk"] is not None:
             others = [k for k in ("window", "dilation", "layers", "heads", "density")
@@ -92,7 +115,7 @@ class SparsePass:
         else:
             if p["window"] is None:
                 raise SpecError(f"spec {spec}: sparse needs window=W (or heads=auto,density=P, "
-                                "or topk=K)")
+                                "topk=K or neighborhood=K)")
             if p["density"] is not None:
                 raise SpecError(f"spec {spec}: density= only goes with heads=auto")
 
@@ -103,6 +126,8 @@ class SparsePass:
             return self._topk(program)
         if p["heads"] == "auto":
             tables = self._auto_tables(program, ctx)
+        elif p["neighborhood"] is not None:
+            tables = neighborhood_masks(program, self.spec)
         else:
             tables = {}
             for site in program.sites:
@@ -134,6 +159,18 @@ class SparsePass:
                                        if (t := tables.get(s.index)) is not None)
             counts["density_at_ctx"] = self._density(program, tables, p["ctx"])
         return PassResult(program, bool(changed), counts)
+
+    def _check_neighborhood(self) -> None:
+        spec, p = self.spec, self.spec.params
+        if p["neighborhood"] is None:
+            raise SpecError(f"spec {spec}: grid= and global= only go with neighborhood=K")
+        if p["neighborhood"] % 2 == 0:
+            raise SpecError(f"spec {spec}: neighborhood={p['neighborhood']} is not allowed "
+                            "(an odd positive integer: the kernel size per axis)")
+        others = [k for k in ("window", "sink", "heads", "density", "ctx", *TOPK_ONLY)
+                  if p[k] not in (None, KEYS[k].default)]
+        if others:
+            raise SpecError(f"spec {spec}: neighborhood= does not take {others[0]}=")
 
     # --- topk ----------------------------------------------------------------------------
 

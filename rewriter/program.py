@@ -86,10 +86,12 @@ class Program(GraphProgram):
         console = Console(file=io.StringIO(), width=width, record=True)
         console.print(sites_table(self.sites))
         acc = self.accounting(1024)
+        grids = any(r["ctx"] != 1024 for r in acc["sites"])  # neighbourhoods: their own length
         console.print(f"{len(self.sites)} sites, {self.parameter_count():,} parameters, "
                       f"KV cache {acc['kv_cache_bytes_per_token']:,} B/token (bf16), attention "
                       f"density {acc['attention_density']:.3f} and "
-                      f"{acc['attention_flops'] / 1e9:.2f} GFLOP at 1024 tokens")
+                      f"{acc['attention_flops'] / 1e9:.2f} GFLOP at 1024 tokens"
+                      + (" (grid sites at their grid's tokens)" if grids else ""))
         return console.export_text()
 
     def __repr__(self) -> str:

@@ -634,3 +634,19 @@ def get(name: str) -> ZooEntry:
         return _BY_NAME[name]
     except KeyError:
         raise KeyError(f"no zoo entry {name!r}; have {sorted(_BY_NAME)}") from None
+
+
+def vit(grid: int, impl: str = "sdpa", layers: int = LAYERS) -> ZooEntry:
+    """A ViT like the "vit" entries with a grid x grid patch grid (patch 8, image 8 * grid) plus
+    CLS: for neighbourhood masks, which need a grid larger than the kernel. Not in ZOO."""
+    image = VIT_PATCH * grid
+
+    def inputs(batch: int, seq: int) -> Inputs:
+        del seq
+        return (), {"pixel_values": torch.randn(batch, 3, image, image, generator=_gen())}
+
+    build = _hf("ViTModel", "ViTConfig", impl, hidden_size=E, intermediate_size=FFN,
+                num_hidden_layers=layers, num_attention_heads=H, image_size=image,
+                patch_size=VIT_PATCH, num_channels=3)
+    return ZooEntry(f"vit{grid}x{grid}-{impl}", build, inputs, (MHA_SITE,) * layers,
+                    notes=f"{grid}x{grid} patches + CLS")

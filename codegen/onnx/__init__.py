@@ -1,7 +1,8 @@
 """ONNX backend: export a Program with ``torch.onnx.export`` (dynamo) and a translation of
 ``rewriter::attention`` into ONNX (standard opset-23 ops, or ONNX Runtime contrib ops).
 
-    masks.py      in-graph masks (causal, MaskSpec windows/sinks/dilation/per-head)
+    masks.py      in-graph masks (causal, MaskSpec windows/sinks/dilation/per-head, grid
+                  neighbourhoods)
     translate.py  per-site choice of ONNX op and the onnxscript translations
     export.py     torch.onnx.export with dynamic batch/sequence axes, atomic write, manifest
 """

@@ -52,6 +52,8 @@ def causal_keep_bottom_right(q, k, sk=None):
 def sparsity_keep(spec: MaskSpec, q, k, sk=None):
     """[1, Hs, Sq, Sk]: the MaskSpec predicate (rewriter.ir.masks.MaskSpec.mask_mod), bottom-right
     aligned: query i sits at position i + Sk - Sq."""
+    if spec.neighborhood is not None:
+        return neighborhood_keep(spec, q, k, sk)
     q_pos, offset, k_pos = positions(q, k, sk)
     dist = op.Sub(op.Add(q_pos, offset), k_pos)  # [Sq, Sk]
     if spec.heads is None:
@@ -69,6 +71,38 @@ def sparsity_keep(spec: MaskSpec, q, k, sk=None):
     if spec.heads is not None:
         keep = op.Or(keep, op.Equal(window, const(0)))  # a full-attention head
     return op.Unsqueeze(keep, const([0]))
+
+
+def neighborhood_keep(spec: MaskSpec, q, k, sk=None):
+    """[1, 1, Sq, Sk]: a grid neighbourhood (rewriter.ir.masks), from the positions: grid
+    coordinates by integer Div/Mod (operands >= 0, so truncating Div is floor), the window
+    start per axis on the query side [Sq, 1], compared with the key side [1, Sk]."""
+    q_pos, offset, k_pos = positions(q, k, sk)
+    q_abs = op.Add(q_pos, offset)  # [Sq, 1] absolute query positions
+    n, zero, kernel = const(spec.globals_), const(0), const(spec.neighborhood)
+    half, dil = const(spec.neighborhood // 2), const(spec.dilation)
+    q_cell = op.Max(op.Sub(q_abs, n), zero)  # grid cells; globals get 0 (overridden below)
+    k_cell = op.Max(op.Sub(k_pos, n), zero)
+    near = None
+    stride = int(np.prod(spec.grid))
+    for length in spec.grid:  # outermost axis first (row-major)
+        stride //= length
+        x = op.Mod(op.Div(q_cell, const(stride)), const(length))  # [Sq, 1]
+        y = op.Mod(op.Div(k_cell, const(stride)), const(length))  # [1, Sk]
+        if spec.dilation == 1:
+            start = op.Max(op.Min(op.Sub(x, half), const(length - spec.neighborhood)), zero)
+        else:
+            group = op.Mod(x, dil)  # the query's sub-grid and its length on this axis
+            sub_len = op.Div(op.Sub(const(length + spec.dilation - 1), group), dil)
+            start = op.Max(op.Min(op.Sub(op.Div(x, dil), half), op.Sub(sub_len, kernel)), zero)
+            y_group, y = op.Mod(y, dil), op.Div(y, dil)
+        axis = op.And(op.GreaterOrEqual(y, start), op.Less(y, op.Add(start, kernel)))
+        if spec.dilation > 1:
+            axis = op.And(axis, op.Equal(y_group, group))
+        near = axis if near is None else op.And(near, axis)
+    if spec.globals_:
+        near = op.Or(near, op.Or(op.Less(q_abs, n), op.Less(k_pos, n)))
+    return op.Unsqueeze(near, const([0, 1]))
 
 
 def to_4d(mask):

@@ -1,8 +1,9 @@
 """Triton backend: generated flash-attention kernels for ``rewriter::attention``.
 
 Each canonical node's variant (head dims, GQA ratio, dtype, is_causal, softcap, attn_mask kind,
-window / sink / dilation / per-head windows) gets its own kernel source, generated from a
-template (`template`), cached as a readable file by key (`cache`) and launched by `launch`.
+window / sink / dilation / per-head windows, or a grid neighbourhood) gets its own kernel
+source, generated from a template (`template`), cached as a readable file by key (`cache`)
+and launched by `launch`.
 ``torch.ops.rewriter.attention_triton`` (`op`) is what compiled graphs call. Forward only.
 """
 

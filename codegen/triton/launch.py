@@ -15,6 +15,7 @@ from rewriter.codegen.triton import cache
 from rewriter.codegen.triton.spec import KernelSpec, head_windows, mask_kind
 from rewriter.codegen.triton.template import next_pow2
 from rewriter.errors import SpecError
+from rewriter.ir.masks import MaskSpec
 from rewriter.ir.topk import TopKSpec, is_topk
 
 
@@ -59,6 +60,8 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None =
                                      spec=TopKSpec.parse(sparsity), is_causal=is_causal)
     spec = kernel_spec(q, k, v, attn_mask, is_causal=is_causal, sparsity=sparsity,
                        softcap=softcap)
+    if spec.neighborhood is not None:
+        MaskSpec.parse(sparsity).rows(0, 0, q.shape[2], k.shape[2])  # token count check
     kernel = cache.load(spec)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     k, v = k.to(q.dtype), v.to(q.dtype)

@@ -2,8 +2,13 @@
 
 A kernel is specialized to everything that changes its code: head dims, the GQA ratio, the
 dtype, is_causal, softcap on/off, the kind of attn_mask, and the static sparsity pattern
-(window, sink, dilation, or a per-head window table). Shapes (B, Hq, Hkv, Sq, Sk), the scale
-and the softcap value are runtime arguments; tile sizes are constexpr launch arguments.
+(window, sink, dilation, or a per-head window table; or a grid neighbourhood: kernel size,
+dilation, grid dims, global tokens). Shapes (B, Hq, Hkv, Sq, Sk), the scale and the softcap
+value are runtime arguments; tile sizes are constexpr launch arguments.
+
+Grid dims are written into the kernel as constants, like window sizes: they are part of the
+site's sparsity string (static per site; a model has one grid), and as constants the per-element
+div/mod by them compiles to multiply-shift and the tile band arithmetic folds.
 
 Shape glossary: B batch, Hq query heads, Hkv key/value heads, G = Hq // Hkv, Sq queries,
 Sk keys, D head dim of q/k, Dv head dim of v.
@@ -20,7 +25,7 @@ import torch
 from rewriter.errors import SpecError
 from rewriter.ir.masks import MaskSpec
 
-GENERATOR_VERSION = 1  # bump when the template changes: old cache entries are then unused
+GENERATOR_VERSION = 2  # bump when the template changes: old cache entries are then unused
 MAX_HEAD_DIM = 256
 MAX_PACKED_HEADS = 16  # query heads of one KV head packed into one tile (a divisor of G)
 FULL_WINDOW = 1 << 30  # per-head table entry of a full-attention head: "window" = everything
@@ -42,6 +47,9 @@ class KernelSpec:
     per_head: bool = False  # windows come from a per-query-head table argument
     sink: int = 0
     dilation: int = 1
+    neighborhood: int | None = None  # kernel size K of a grid neighbourhood (rewriter.ir.masks)
+    grid: tuple[int, ...] | None = None  # (H, W) or (T, H, W), row-major
+    globals_: int = 0  # tokens before the grid
 
     # --- naming --------------------------------------------------------------------------
 
@@ -62,6 +70,10 @@ class KernelSpec:
         if self.v_head_dim != self.head_dim:
             parts[0] += f"v{self.v_head_dim}"
         parts.append(f"g{self.group}")
+        if self.neighborhood is not None:
+            parts.append(f"nbhd{self.neighborhood}_grid{'x'.join(map(str, self.grid))}")
+            if self.globals_:
+                parts.append(f"glob{self.globals_}")
         if self.per_head:
             parts.append("headwin")
         elif self.window is not None:
@@ -104,6 +116,11 @@ class KernelSpec:
         if mask not in MASK_KINDS:
             raise SpecError(f"attn_mask kind {mask!r}")
         spec = MaskSpec.parse(sparsity)
+        if spec.neighborhood is not None:
+            return cls(head_dim=head_dim, v_head_dim=v_head_dim, group=group,
+                       dtype=DTYPES[dtype], causal=bool(causal), softcap=softcap > 0, mask=mask,
+                       dilation=spec.dilation, neighborhood=spec.neighborhood, grid=spec.grid,
+                       globals_=spec.globals_)
         window = per_head = None
         if not spec.is_dense:
             per_head = spec.heads is not None

@@ -14,11 +14,19 @@ KV tiles visited per query tile, in closed form (keys, exclusive bounds):
   band         [lo, hi)                 what causal (top-left), the window (bottom-right) and
                                         the key length let any row of the tile reach
   full tiles   [full_lo, full_hi)       inside the band for every row: no mask arithmetic
+
+A grid neighbourhood (rewriter.ir.masks: N global tokens, then a row-major grid) visits
+  global tiles [0, glob_end)            keys < N, masked
+  grid band    [lo, hi)                 the whole grid rows (frames, for TxHxW) that the
+                                        neighbourhoods of the tile's queries reach on the
+                                        outermost axis (`neighborhood_band`), every key of a
+                                        tile with a global query; every tile masked
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 from rewriter.codegen.triton.spec import FULL_WINDOW, KernelSpec
 
@@ -31,6 +39,62 @@ def block_dim(d: int) -> int:
     return max(16, next_pow2(d))  # tl.dot needs >= 16; padded lanes load zeros
 
 
+def _band_lines(spec: KernelSpec) -> list[str]:
+    """Statements from first_g, last_g (grid cells of the tile's first and last query, >= 0)
+    to band_lo, band_hi: the keys [band_lo, band_hi) of the grid rows (outermost axis) their
+    neighbourhoods reach. MIN/MAX stand for min/max (Python) or tl.minimum/tl.maximum (kernel),
+    so the kernel and `neighborhood_band` run the same arithmetic. Exact hull: with dilation D,
+    a sub-grid's window start only grows along the axis, so the lowest key comes from one of
+    the first D queries (one per sub-grid) and the highest from one of the last D."""
+    length, kernel, dil, n = spec.grid[0], spec.neighborhood, spec.dilation, spec.globals_
+    inner, half = math.prod(spec.grid[1:]), spec.neighborhood // 2
+    out = [f"x0 = first_g // {inner}  # outermost coordinates of the first and last query",
+           f"x1 = last_g // {inner}"]
+    if dil == 1:
+        out += [f"y_lo = MAX(MIN(x0 - {half}, {length - kernel}), 0)",
+                f"y_hi = MIN(MAX(MIN(x1 - {half}, {length - kernel}), 0) + {kernel}, {length})"]
+    else:
+        out += [f"y_lo = {length}", "y_hi = 0"]
+        for d in range(dil):
+            out += [f"x = MIN(x0 + {d}, x1)",
+                    f"g = x % {dil}",
+                    f"n_g = ({length + dil - 1} - g) // {dil}  # positions of x's sub-grid",
+                    f"y_lo = MIN(y_lo, g + {dil} * MAX(MIN(x // {dil} - {half}, n_g - {kernel}),"
+                    " 0))",
+                    f"x = MAX(x1 - {d}, x0)",
+                    f"g = x % {dil}",
+                    f"n_g = ({length + dil - 1} - g) // {dil}",
+                    f"start = MAX(MIN(x // {dil} - {half}, n_g - {kernel}), 0)",
+                    f"y_hi = MAX(y_hi, g + {dil} * (MIN(start + {kernel}, n_g) - 1) + 1)"]
+    out += [f"band_lo = {n} + y_lo * {inner}", f"band_hi = {n} + y_hi * {inner}"]
+    return out
+
+
+def neighborhood_band(spec: KernelSpec, first_g: int, last_g: int) -> tuple[int, int]:
+    """Keys [lo, hi) of the grid rows that the neighbourhoods of grid cells first_g..last_g
+    reach (the kernel's band, same arithmetic)."""
+    scope = {"MIN": min, "MAX": max, "first_g": first_g, "last_g": last_g}
+    exec("\n".join(_band_lines(spec)), scope)  # noqa: S102  (our own generated arithmetic)
+    return scope["band_lo"], scope["band_hi"]
+
+
+def visited_tiles(spec: KernelSpec, sq: int, sk: int, block_m: int, block_n: int) -> int:
+    """KV tiles a neighbourhood kernel visits over all query tiles (one head group), from the
+    same bounds as the kernel (no causal): global tiles plus the grid band."""
+    qb = block_m // spec.heads_per_tile
+    n, offset, total = spec.globals_, sk - sq, 0
+    glob_end = -(-min(sk, n) // block_n) * block_n
+    for first in range(0, sq, qb):
+        last = min(first + qb, sq) - 1
+        lo, hi = 0, sk
+        if first + offset >= n:
+            lo, hi = neighborhood_band(spec, first + offset - n, last + offset - n)
+            lo, hi = lo // block_n * block_n, min(hi, sk)
+        lo = max(lo, glob_end)
+        total += glob_end // block_n + max(0, -(-(hi - lo) // block_n))
+    return total
+
+
 def generate(spec: KernelSpec) -> str:
     """The Python/Triton source of the kernel for ``spec``."""
     return "\n".join([_header(spec), _tile_fn(spec), _kernel_fn(spec)]) + "\n"
@@ -39,7 +103,10 @@ def generate(spec: KernelSpec) -> str:
 def _describe(spec: KernelSpec) -> str:
     mask = {"none": "no attn_mask", "float": "additive float attn_mask",
             "bool": "boolean attn_mask (True = attend)"}[spec.mask]
-    if spec.per_head:
+    if spec.neighborhood is not None:
+        sparsity = (f"neighbourhood {spec.neighborhood} on grid "
+                    f"{'x'.join(map(str, spec.grid))}, {spec.globals_} global token(s)")
+    elif spec.per_head:
         sparsity = "per-head window table (argument Windows)"
     elif spec.window is not None:
         sparsity = f"window {spec.window}"
@@ -139,6 +206,8 @@ def _tile_fn(spec: KernelSpec) -> str:
         if spec.sink:
             out.append(f"        band |= offs_n[None, :] < {spec.sink}  # attention sinks")
         out.append("        keep &= band")
+    if spec.neighborhood is not None:
+        out += _neighborhood_keep(spec)
     out += ['        s = tl.where(keep, s, float("-inf"))',
             "    # Online softmax. m_safe: a row with no key so far has m = -inf.",
             "    m_new = tl.maximum(m_i, tl.max(s, 1))",
@@ -213,7 +282,11 @@ def _kernel_fn(spec: KernelSpec) -> str:
     loops = []
     if spec.sink:
         loops.append(("0", "sink_end", True, "sink tiles"))
-    if not spec.windowed:
+    if spec.neighborhood is not None:
+        if spec.globals_:
+            loops.append(("0", "glob_end", True, "global key tiles"))
+        loops.append(("lo", "hi", True, "grid band (every tile masked)"))
+    elif not spec.windowed:
         loops += [("0", "full_hi", False, "full tiles"),
                   ("full_hi", "hi", True, "trailing partial tiles")]
     elif spec.dilation > 1:
@@ -246,6 +319,8 @@ def _ranges(spec: KernelSpec) -> list[str]:
                 "    full_hi = tl.minimum(first + 1, Sk)"]
     else:
         out += ["    hi = Sk", "    full_hi = Sk"]
+    if spec.neighborhood is not None:
+        return out + _neighborhood_ranges(spec)
     if not spec.windowed:
         return out + ["    full_hi = full_hi // BLOCK_N * BLOCK_N"]
     if spec.sink:
@@ -263,6 +338,62 @@ def _ranges(spec: KernelSpec) -> list[str]:
             "    # Tile-align: full tiles start at or after full_lo and end at or before full_hi.",
             "    full_lo = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, lo), hi)",
             "    full_hi = tl.maximum(full_hi // BLOCK_N * BLOCK_N, full_lo)"]
+    return out
+
+
+def _neighborhood_keep(spec: KernelSpec) -> list[str]:
+    """Lines of _attend_tile: ``keep &= near``, the neighbourhood predicate per element
+    (rewriter.ir.masks.MaskSpec._neighborhood_keep, written out per axis)."""
+    n, kernel, dil, half = spec.globals_, spec.neighborhood, spec.dilation, \
+        spec.neighborhood // 2
+    out = ["        pos = q_idx[:, None] + offset  # query position [BLOCK_M, 1]",
+           f"        qc = tl.maximum(pos - {n}, 0)  # grid cells (globals: 0, overridden below)",
+           f"        kc = tl.maximum(offs_n[None, :] - {n}, 0)"]
+    stride, near = math.prod(spec.grid), []
+    for axis, length in enumerate(spec.grid):
+        stride //= length
+        coord = {c: _axis_coord(c, stride, length, outermost=axis == 0) for c in ("qc", "kc")}
+        out += [f"        x{axis} = {coord['qc']}  # axis {axis} (length {length})",
+                f"        y{axis} = {coord['kc']}"]
+        if dil == 1:
+            out += [f"        s{axis} = tl.maximum(tl.minimum(x{axis} - {half}, "
+                    f"{length - kernel}), 0)",
+                    f"        near{axis} = (y{axis} >= s{axis}) & (y{axis} < s{axis} + {kernel})"]
+        else:
+            out += [f"        g{axis} = x{axis} % {dil}  # sub-grid (dilation)",
+                    f"        s{axis} = tl.maximum(tl.minimum(x{axis} // {dil} - {half}, "
+                    f"({length + dil - 1} - g{axis}) // {dil} - {kernel}), 0)",
+                    f"        near{axis} = (y{axis} % {dil} == g{axis}) & "
+                    f"(y{axis} // {dil} >= s{axis}) & (y{axis} // {dil} < s{axis} + {kernel})"]
+        near.append(f"near{axis}")
+    out.append(f"        near = {' & '.join(near)}")
+    if n:
+        out.append(f"        near |= (pos < {n}) | (offs_n[None, :] < {n})  # global tokens")
+    return out + ["        keep &= near"]
+
+
+def _axis_coord(cell: str, stride: int, length: int, *, outermost: bool) -> str:
+    """A row-major coordinate of grid cell ``cell``: (cell // stride) % length."""
+    expr = f"{cell} // {stride}" if stride > 1 else cell
+    return expr if outermost else f"({expr}) % {length}"
+
+
+def _neighborhood_ranges(spec: KernelSpec) -> list[str]:
+    """Kernel lines: glob_end, and the band [lo, hi) of the tile (see `_band_lines`)."""
+    n = spec.globals_
+    out = ["    # Grid band: whole outermost rows the tile's neighbourhoods reach (_band_lines).",
+           f"    first_g = tl.maximum(first + offset - {n}, 0)",
+           f"    last_g = tl.maximum(last + offset - {n}, 0)"]
+    out += ["    " + line.replace("MIN(", "tl.minimum(").replace("MAX(", "tl.maximum(")
+            for line in _band_lines(spec)]
+    out += ["    reach_hi = hi",
+            "    lo = band_lo // BLOCK_N * BLOCK_N",
+            "    hi = tl.minimum(hi, band_hi)"]
+    if n:
+        out += [f"    glob_end = tl.cdiv(tl.minimum(reach_hi, {n}), BLOCK_N) * BLOCK_N",
+                f"    glob_q = first + offset < {n}  # a global query reads every key",
+                "    lo = tl.maximum(tl.where(glob_q, 0, lo), glob_end)",
+                "    hi = tl.where(glob_q, reach_hi, hi)"]
     return out
 
 

@@ -14,9 +14,11 @@ def is_causal_site(site: AttentionSite) -> bool:
 def site_accounting(site: AttentionSite, ctx: int, bytes_per_element: int = 2) -> dict:
     """density: kept fraction of what the model's own mask allows (1.0 = unchanged);
     flops: multiply-adds x2 of q k^T and p v over the kept entries, for one sequence of ``ctx``
-    tokens; kv_bytes_per_token: what one more token adds to the KV cache (0 when the site
-    reads another site's K/V)."""
+    tokens (a neighbourhood mask: its grid's token count instead, the only length it has);
+    dense_flops: the same without the sparsity; kv_bytes_per_token: what one more token adds
+    to the KV cache (0 when the site reads another site's K/V)."""
     mask = MaskSpec.parse(site.sparsity)
+    ctx = mask.tokens or ctx
     causal = is_causal_site(site)
     keep = mask.dense(ctx, ctx, site.num_heads)
     base = causal_mask(ctx, ctx) if causal else keep.new_ones(ctx, ctx)
@@ -28,6 +30,8 @@ def site_accounting(site: AttentionSite, ctx: int, bytes_per_element: int = 2) -
         "site": site.index,
         "density": kept / allowed,
         "flops": flops,
+        "dense_flops": 2 * float(base.sum()) * site.num_heads * (site.head_dim + site.v_head_dim),
+        "ctx": ctx,
         "kv_bytes_per_token": site.kv_cache_bytes_per_token(bytes_per_element) if owns_kv else 0,
     }
 
@@ -36,9 +40,7 @@ def program_accounting(sites: list[AttentionSite], ctx: int = 1024,
                        bytes_per_element: int = 2) -> dict:
     rows = [site_accounting(s, ctx, bytes_per_element) for s in sites]
     flops = sum(r["flops"] for r in rows)
-    dense_flops = sum(
-        2 * float(causal_mask(ctx, ctx).sum() if is_causal_site(s) else ctx * ctx)
-        * s.num_heads * (s.head_dim + s.v_head_dim) for s in sites)
+    dense_flops = sum(r["dense_flops"] for r in rows)
     return {
         "ctx": ctx,
         "bytes_per_element": bytes_per_element,

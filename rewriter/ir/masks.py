@@ -11,22 +11,47 @@ ANDed). Positions are absolute: with Sq queries over Sk keys, query i sits at po
                  pattern above; written as letters (heads=ffss) or, when heads use
                  their own windows, slash-separated with window sizes (heads=f/64/s/256)
 
-String form: comma-separated ``key=value`` in the order above, e.g. ``window=256,sink=4``.
-The empty string is dense attention.
+Neighbourhood attention on a vision token grid (NATTEN's non-causal, stride-1 definition),
+instead of window/sink/heads:
+
+    neighborhood=K   odd kernel size K >= 1 per axis
+    dilation=D       per axis, positions are split into D interleaved sub-grids
+                     (coordinate % D); a query sees keys of its own sub-grid only
+    grid=HxW         the token grid, row-major (TxHxW for video: frames, rows, columns)
+    global=N         N global tokens come first (ViT's CLS: global=1), then the grid
+
+Tokens: position p < N is global; position p >= N is grid cell p - N, coordinates (t, r, c)
+row-major. A global query sees every key and every query sees the global keys. A grid query
+sees a grid key when, on every axis, with x / y the query / key coordinate, L the axis length:
+x % D == y % D (same sub-grid), and y // D lies in [s, s + K) where, on the sub-grid's
+coordinates x' = x // D over its length L' = ceil((L - x % D) / D),
+
+    s = max(0, min(x' - K // 2, L' - K))
+
+i.e. the K sub-grid positions centred on the query, shifted inward at the borders so that a
+query sees exactly K of them per axis (NATTEN: natten/backends/flex.py, get_na_flex_mask: the
+window centre clamp(x', K//2, L'-1-K//2); dilation groups and their corrected lengths). NATTEN
+requires L >= K * D; here a sub-grid shorter than K is seen whole. The site must have exactly
+N + prod(grid) keys (a SpecError otherwise).
+
+String form: comma-separated ``key=value`` in the order above, e.g. ``window=256,sink=4`` or
+``neighborhood=7,dilation=2,grid=14x14,global=1``. The empty string is dense attention.
 
 Shape glossary: H query heads, Sq queries, Sk keys, Tq x Tk a tile.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from rewriter.errors import SpecError
+from rewriter.ir.specs import grid_shape
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
-_KEYS = ("window", "sink", "dilation", "heads")
+_KEYS = ("window", "sink", "dilation", "heads", "neighborhood", "grid", "global")
 
 
 @dataclass(frozen=True)
@@ -35,8 +60,14 @@ class MaskSpec:
     sink: int = 0
     dilation: int = 1
     heads: str | None = None  # per-query-head table: "ffss" or "f/64/s/256" (see above)
+    neighborhood: int | None = None  # kernel size K of a grid neighbourhood (see above)
+    grid: tuple[int, ...] | None = None  # (H, W) or (T, H, W), row-major
+    globals_: int = 0  # N global tokens before the grid (string key: global)
 
     def __post_init__(self):
+        if self.neighborhood is not None or self.grid is not None or self.globals_:
+            self._check_neighborhood()
+            return
         if self.window is not None and self.window < 1:
             raise SpecError(f"mask window={self.window}: must be a positive integer")
         if self.sink < 0:
@@ -44,7 +75,7 @@ class MaskSpec:
         if self.dilation < 1:
             raise SpecError(f"mask dilation={self.dilation}: must be >= 1")
         if self.dilation > 1 and self.window is None:
-            raise SpecError("mask dilation needs a window")
+            raise SpecError("mask dilation needs a window (or a neighborhood)")
         if self.heads is not None:
             entries = _head_entries(self.heads)
             if not entries or any(e not in ("f", "s") and not (e.isdigit() and int(e) > 0)
@@ -53,6 +84,23 @@ class MaskSpec:
                                 "(or a window size, slash-separated)")
             if self.window is None:
                 raise SpecError("mask heads= needs a window")
+
+    def _check_neighborhood(self):
+        if self.neighborhood is None:
+            raise SpecError("mask grid= and global= go with neighborhood=K")
+        if self.neighborhood < 1 or self.neighborhood % 2 == 0:
+            raise SpecError(f"mask neighborhood={self.neighborhood}: must be an odd positive "
+                            "integer (the kernel size per axis)")
+        if self.window is not None or self.sink or self.heads is not None:
+            raise SpecError("mask neighborhood= excludes window=, sink= and heads=")
+        if self.grid is None:
+            raise SpecError("mask neighborhood needs grid=HxW or grid=TxHxW")
+        if len(self.grid) not in (2, 3) or min(self.grid) < 1:
+            raise SpecError(f"mask grid={_grid_text(self.grid)}: 2 or 3 positive sizes")
+        if self.dilation < 1:
+            raise SpecError(f"mask dilation={self.dilation}: must be >= 1")
+        if self.globals_ < 0:
+            raise SpecError(f"mask global={self.globals_}: must be >= 0")
 
     # --- text form ------------------------------------------------------------------------
 
@@ -69,15 +117,31 @@ class MaskSpec:
                                 f"(allowed keys: {', '.join(_KEYS)})")
             if key == "heads":
                 values[key] = value.strip()
+            elif key == "grid":
+                try:
+                    values[key] = grid_shape(value.strip())
+                except ValueError:
+                    raise SpecError(f"mask spec {text!r}: grid={value!r} is not HxW or TxHxW "
+                                    "(positive sizes)") from None
             else:
                 try:
                     values[key] = int(value)
                 except ValueError:
                     raise SpecError(f"mask spec {text!r}: {key}={value!r} is not an integer") \
                         from None
+        if "global" in values:
+            values["globals_"] = values.pop("global")
         return cls(**values)
 
     def format(self) -> str:
+        if self.neighborhood is not None:
+            parts = [f"neighborhood={self.neighborhood}"]
+            if self.dilation != 1:
+                parts.append(f"dilation={self.dilation}")
+            parts.append(f"grid={_grid_text(self.grid)}")
+            if self.globals_:
+                parts.append(f"global={self.globals_}")
+            return ",".join(parts)
         parts = []
         if self.window is not None:
             parts.append(f"window={self.window}")
@@ -93,7 +157,16 @@ class MaskSpec:
         return self.format() or "dense"
 
     @property
+    def tokens(self) -> int | None:
+        """N + prod(grid): the token count a neighbourhood mask is defined over (else None)."""
+        if self.grid is None:
+            return None
+        return self.globals_ + math.prod(self.grid)
+
+    @property
     def is_dense(self) -> bool:
+        if self.neighborhood is not None:
+            return False
         return self.window is None or (
             self.heads is not None and all(e == "f" for e in _head_entries(self.heads)))
 
@@ -115,6 +188,8 @@ class MaskSpec:
 
         ``offset`` = Sk - Sq places query i at position i + offset; ``windows`` is
         head_windows(H) when the spec has a per-head table."""
+        if self.neighborhood is not None:
+            return self._neighborhood_keep(q_idx + offset, kv_idx)
         if self.window is None:
             return torch.ones_like(q_idx + kv_idx, dtype=torch.bool)
         dist = (q_idx + offset) - kv_idx
@@ -128,15 +203,42 @@ class MaskSpec:
             keep = keep | (window == 0)
         return keep
 
-    def dense(self, sq: int, sk: int, num_heads: int = 1, device=None) -> torch.Tensor:
-        """[H, Sq, Sk] bool keep-mask (H = 1 without a per-head table)."""
-        q = torch.arange(sq, device=device).view(1, sq, 1)
+    def _neighborhood_keep(self, q_pos, kv_idx):
+        """The neighbourhood predicate on absolute positions (module docstring)."""
+        n, k, d = self.globals_, self.neighborhood, self.dilation
+        q_cell = (q_pos - n).clamp_min(0)  # globals get cell 0; the OR below overrides them
+        k_cell = (kv_idx - n).clamp_min(0)
+        keep = (q_pos < n) | (kv_idx < n)
+        in_reach = None
+        stride = math.prod(self.grid)
+        for length in self.grid:  # outermost axis first (row-major)
+            stride //= length
+            x, y = (q_cell // stride) % length, (k_cell // stride) % length
+            same = (x % d) == (y % d)  # dilation: one sub-grid per x % d
+            sub_len = (length - x % d + d - 1) // d  # its length on this axis
+            start = (torch.minimum(x // d - k // 2, sub_len - k)).clamp_min(0)
+            axis = same & (y // d >= start) & (y // d < start + k)
+            in_reach = axis if in_reach is None else in_reach & axis
+        return keep | in_reach
+
+    def rows(self, start: int, stop: int, sq: int, sk: int, num_heads: int = 1,
+             device=None) -> torch.Tensor:
+        """[H, stop - start, Sk] bool: rows start..stop-1 of `dense` (H = 1 without a per-head
+        table), without building the other rows."""
+        if self.neighborhood is not None and (sk != self.tokens or sq > sk):
+            raise SpecError(f"mask {self}: the grid and global tokens make {self.tokens} "
+                            f"tokens, the attention has {sq} queries over {sk} keys")
+        q = torch.arange(start, stop, device=device).view(1, stop - start, 1)
         k = torch.arange(sk, device=device).view(1, 1, sk)
         if self.heads is None:
             return self.mask_mod(None, None, q, k, offset=sk - sq)
         h = torch.arange(num_heads, device=device).view(num_heads, 1, 1)
         windows = self.head_windows(num_heads).to(device)
         return self.mask_mod(None, h, q, k, offset=sk - sq, windows=windows)
+
+    def dense(self, sq: int, sk: int, num_heads: int = 1, device=None) -> torch.Tensor:
+        """[H, Sq, Sk] bool keep-mask (H = 1 without a per-head table)."""
+        return self.rows(0, sq, sq, sk, num_heads, device)
 
     def tile_map(self, sq: int, sk: int, tile_q: int, tile_k: int, *, num_heads: int = 1,
                  causal: bool = False) -> torch.Tensor:
@@ -164,6 +266,10 @@ class MaskSpec:
             base = causal_mask(sq, sk)
             return float((keep & base).sum() / (base.sum() * keep.shape[0]))
         return float(keep.float().mean())
+
+
+def _grid_text(grid: tuple[int, ...]) -> str:
+    return "x".join(str(g) for g in grid)
 
 
 def _head_entries(heads: str) -> list[str]:

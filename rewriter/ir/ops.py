@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rewriter.ir import blocksparse
 from rewriter.ir.masks import MaskSpec, causal_mask
 from rewriter.ir.topk import TopKSpec, is_topk, topk_attention
 
@@ -147,6 +148,10 @@ def attention(
                 attn_mask & causal if attn_mask.dtype == torch.bool
                 else attn_mask.masked_fill(~causal, float("-inf")))
         return topk_attention(q, k, v, attn_mask, scale=scale, spec=TopKSpec.parse(sparsity))
+    if sparsity and blocksparse.worthwhile(sparsity, sq, sk, q.shape[1], is_causal):
+        # Few keys per query block: compute only those (rewriter.ir.blocksparse).
+        return blocksparse.attention(q, k, v, attn_mask, scale=scale, is_causal=is_causal,
+                                     sparsity=sparsity)
     if sparsity:
         # Fold the static mask (and causal) into one boolean mask for SDPA.
         keep = sparsity_mask(sparsity, sq, sk, q.shape[1], q.device)

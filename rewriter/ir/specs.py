@@ -72,3 +72,11 @@ class Spec:
 
     def __str__(self) -> str:
         return self.text or self.name
+
+
+def grid_shape(text: str) -> tuple[int, ...]:
+    """``14x14`` -> (14, 14), ``4x14x14`` -> (4, 14, 14): a token grid, 2-D or 3-D."""
+    dims = tuple(int(part) for part in text.lower().split("x"))
+    if len(dims) not in (2, 3) or min(dims) < 1:
+        raise ValueError
+    return dims
