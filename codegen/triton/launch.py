@@ -12,7 +12,13 @@ import torch
 from torch import Tensor
 
 from rewriter.codegen.triton import cache
-from rewriter.codegen.triton.spec import KernelSpec, head_windows, mask_kind
+from rewriter.codegen.triton.spec import (
+    KernelSpec,
+    head_windows,
+    kernel_operands,
+    mask_kind,
+    mask_view,
+)
 from rewriter.codegen.triton.template import next_pow2
 from rewriter.errors import SpecError
 from rewriter.ir.masks import MaskSpec
@@ -63,21 +69,16 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None =
     if spec.neighborhood is not None:
         MaskSpec.parse(sparsity).rows(0, 0, q.shape[2], k.shape[2])  # token count check
     kernel = cache.load(spec)
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    k, v = k.to(q.dtype), v.to(q.dtype)
+    q, k, v, out = kernel_operands(q, k, v)
     b, hq, sq, _ = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    out = q.new_empty((b, hq, sq, v.shape[-1]))
     if out.numel() == 0:
         return out
     bm, bn, num_warps, num_stages = tile_sizes(spec, sq, sk)
     bm, bn = block_m or bm, block_n or bn
     extra: list = []
     if attn_mask is not None:
-        # The [B, Hq, Sq, Sk] broadcast view: stride 0 on broadcast dims, nothing copied.
-        mask = attn_mask.expand(b, hq, sq, sk)
-        if mask.dtype == torch.bool:
-            mask = mask.view(torch.uint8)
+        mask = mask_view(attn_mask, (b, hq, sq, sk))
         extra += [mask, *mask.stride()]
     if spec.per_head:
         extra.append(_window_table(sparsity, hq, str(q.device)))

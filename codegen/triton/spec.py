@@ -143,3 +143,19 @@ def head_windows(sparsity: str, num_heads: int) -> list[int]:
     """[Hq] window per query head for a per-head table (full heads get FULL_WINDOW)."""
     windows = MaskSpec.parse(sparsity).head_windows(num_heads).tolist()
     return [FULL_WINDOW if w == 0 else int(w) for w in windows]
+
+
+def kernel_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v, out) as the kernels read them: last dim contiguous, K/V in q's dtype, and an
+    empty out [B, Hq, Sq, Dv]."""
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    return q, k, v, q.new_empty((*q.shape[:3], v.shape[-1]))
+
+
+def mask_view(attn_mask: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """attn_mask as the [B, Hq, Sq, Sk] broadcast view kernels index by strides (stride 0 on
+    broadcast dims, nothing copied); a bool mask reads as uint8."""
+    mask = attn_mask.expand(*shape)
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask

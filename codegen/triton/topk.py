@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from rewriter.codegen.triton.spec import kernel_operands, mask_view
 from rewriter.codegen.triton.template import block_dim
 from rewriter.errors import SpecError
 from rewriter.ir.topk import TopKSpec
@@ -152,23 +153,18 @@ def topk_triton_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
     """rewriter::attention with ``sparsity=spec.format()``, by the kernel."""
     check(spec, dtype=q.dtype, head_dim=q.shape[-1], v_head_dim=v.shape[-1], mask="none",
           softcap=0.0)
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    k, v = k.to(q.dtype), v.to(q.dtype)
+    q, k, v, out = kernel_operands(q, k, v)
     bt, hq, sq, _ = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    out = q.new_empty((bt, hq, sq, v.shape[-1]))
     if out.numel() == 0:
         return out
     lists, picked = block_lists(spec, q, k)
     first, nq = spec.query_blocks(sq, sk)
-    kind, mask = 0, out  # (Mask is never read without an attn_mask)
+    kind, mask, strides = 0, out, (0, 0, 0, 0)  # (Mask is never read without an attn_mask)
     if attn_mask is not None:
-        # the [B, Hq, Sq, Sk] broadcast view: stride 0 on broadcast dims, nothing copied
-        mask = attn_mask.expand(bt, hq, sq, sk)
-        kind = 1 if mask.dtype == torch.bool else 2
-        if kind == 1:
-            mask = mask.view(torch.uint8)
-    strides = mask.stride() if attn_mask is not None else (0, 0, 0, 0)
+        kind = 1 if attn_mask.dtype == torch.bool else 2
+        mask = mask_view(attn_mask, (bt, hq, sq, sk))
+        strides = mask.stride()
     _topk_attn_fwd[(nq, bt * hq)](
         q, k, v, out, lists, picked, mask, *strides,
         q.stride(0), q.stride(1), q.stride(2),

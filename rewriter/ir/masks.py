@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from rewriter.errors import SpecError
-from rewriter.ir.specs import grid_shape
+from rewriter.ir.specs import attribute_int, attribute_items, grid_shape
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _KEYS = ("window", "sink", "dilation", "heads", "neighborhood", "grid", "global")
@@ -109,26 +109,17 @@ class MaskSpec:
         if not text:
             return cls()
         values: dict = {}
-        for item in text.split(","):
-            key, sep, value = item.partition("=")
-            key = key.strip()
-            if not sep or key not in _KEYS:
-                raise SpecError(f"mask spec {text!r}: unknown item {item!r} "
-                                f"(allowed keys: {', '.join(_KEYS)})")
+        for key, value in attribute_items(text, _KEYS, "mask spec"):
             if key == "heads":
-                values[key] = value.strip()
+                values[key] = value
             elif key == "grid":
                 try:
-                    values[key] = grid_shape(value.strip())
+                    values[key] = grid_shape(value)
                 except ValueError:
                     raise SpecError(f"mask spec {text!r}: grid={value!r} is not HxW or TxHxW "
                                     "(positive sizes)") from None
             else:
-                try:
-                    values[key] = int(value)
-                except ValueError:
-                    raise SpecError(f"mask spec {text!r}: {key}={value!r} is not an integer") \
-                        from None
+                values[key] = attribute_int(text, key, value, "mask spec")
         if "global" in values:
             values["globals_"] = values.pop("global")
         return cls(**values)

@@ -4,9 +4,11 @@ and the parser that checks a spec against their keys, are in rewriter.passes.reg
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from rewriter.errors import SpecError
 
 
 @dataclass(frozen=True)
@@ -80,3 +82,22 @@ def grid_shape(text: str) -> tuple[int, ...]:
     if len(dims) not in (2, 3) or min(dims) < 1:
         raise ValueError
     return dims
+
+
+def attribute_items(text: str, keys: tuple[str, ...], what: str) -> Iterator[tuple[str, str]]:
+    """The ``key=value`` items of a comma-separated op attribute (a mask or top-k sparsity
+    string), keys checked: a one-line SpecError naming ``what`` for an unknown item."""
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in keys:
+            raise SpecError(f"{what} {text!r}: unknown item {item!r} "
+                            f"(allowed keys: {', '.join(keys)})")
+        yield key, value.strip()
+
+
+def attribute_int(text: str, key: str, value: str, what: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise SpecError(f"{what} {text!r}: {key}={value!r} is not an integer") from None

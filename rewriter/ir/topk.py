@@ -39,6 +39,7 @@ from torch import Tensor
 
 from rewriter.errors import SpecError
 from rewriter.ir.masks import MaskSpec
+from rewriter.ir.specs import attribute_int, attribute_items
 
 _KEYS = ("topk", "block", "sink", "local", "estimate")
 
@@ -72,21 +73,9 @@ class TopKSpec:
 
     @classmethod
     def parse(cls, text: str) -> TopKSpec:
-        values: dict = {}
-        for item in text.split(","):
-            key, sep, value = item.partition("=")
-            key = key.strip()
-            if not sep or key not in _KEYS:
-                raise SpecError(f"topk spec {text!r}: unknown item {item!r} "
-                                f"(allowed keys: {', '.join(_KEYS)})")
-            if key == "estimate":
-                values[key] = value.strip()
-                continue
-            try:
-                values[key] = int(value)
-            except ValueError:
-                raise SpecError(f"topk spec {text!r}: {key}={value!r} is not an integer") \
-                    from None
+        values: dict = {key: value if key == "estimate"
+                         else attribute_int(text, key, value, "topk spec")
+                         for key, value in attribute_items(text, _KEYS, "topk spec")}
         if "topk" not in values:
             raise SpecError(f"topk spec {text!r}: needs topk=K")
         return cls(**values)
