@@ -12,11 +12,18 @@
    only sites whose mask is causal qualify);
 2. one cache entry per distinct K (resp. V) tensor: layers that share K/V (share-kv) share it;
 3. sequence positions (every ``arange(S)`` of the token axis: rotary and learned position
-   embeddings alike) start at the past length P instead of 0, as Hugging Face's cache_position.
+   embeddings alike) start at the past length P instead of 0, as Hugging Face's cache_position;
+4. bounded caches (StreamingLLM): a KV head whose every reader masks to sink + window keeps
+   only the sink and the last W - 1 positions (``rewriter::bounded_cached_attention``). A site
+   whose KV heads differ (``sparse:heads=auto``: some full, some streaming) is split into one
+   op per group of KV heads with the same bound, each with its own cache entry; the query heads'
+   outputs are put back in order. Such a decoder has one more input and output, ``past_length``
+   / ``present_length`` (int64 scalars: P, P + S), since bounded caches no longer tell P.
 
 Shape glossary: B batch, S new tokens, P cached tokens, Hkv KV heads of a cache entry, D head
-dim. Cache entries are [B, Hkv, P, D]. Built decoders are checked against the full program
-(prefill + one step == one forward over the whole sequence) before they are returned.
+dim. Cache entries are [B, Hkv, P, D] ([B, Hkv, min(P, bound), D] when bounded). Built
+decoders are checked against the full program (prefill + one step == one forward over the whole
+sequence) before they are returned.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from torch.utils._pytree import tree_leaves
 from rewriter.analysis.quality import logits_fn
 from rewriter.errors import RewriterError
 from rewriter.ir.graph import canonical_nodes, cleanup, copy_graph
+from rewriter.ir.masks import MaskSpec
 from rewriter.ir.ops import attention as _attention_op  # noqa: F401  (registers the ops)
 from rewriter.ir.precision import EXACT_TOLERANCE, float64_module
 from rewriter.ir.topk import is_topk
@@ -39,6 +47,7 @@ __all__ = ["CacheEntry", "Decoder", "DecoderError", "build_decoder", "greedy_ref
 
 aten = torch.ops.aten
 CACHED = torch.ops.rewriter.cached_attention.default
+BOUNDED = torch.ops.rewriter.bounded_cached_attention.default
 _ARANGE = (aten.arange.default, aten.arange.start, aten.arange.start_step)
 _CAUSAL_MASKS = ("causal", "causal-mask")
 
@@ -56,6 +65,15 @@ class CacheEntry:
     heads: int  # Hkv
     head_dim: int  # D (Dv for values)
     sites: tuple[int, ...]  # the sites reading it (several with share-kv)
+    bound: int | None = None  # positions kept (sink + W - 1) when bounded, else None
+    kv_heads: tuple[int, ...] | None = None  # the source's KV heads it holds (None: all)
+
+    def positions(self, past: int) -> int:
+        """Cached positions after ``past`` tokens."""
+        return past if self.bound is None else min(past, self.bound)
+
+    def bytes(self, past: int, bytes_per_element: int = 2) -> int:
+        return self.heads * self.head_dim * self.positions(past) * bytes_per_element
 
     @property
     def input_name(self) -> str:
@@ -82,12 +100,35 @@ class Decoder:
         return _static_batch(self.module)
 
     @property
+    def bounded(self) -> bool:
+        """Whether some cache entry is bounded (then past_length/present_length exist)."""
+        return any(e.bound is not None for e in self.cache)
+
+    @property
     def input_names(self) -> list[str]:
-        return ["input_ids", *(e.input_name for e in self.cache)]
+        return ["input_ids", *(e.input_name for e in self.cache),
+                *(["past_length"] if self.bounded else [])]
 
     @property
     def output_names(self) -> list[str]:
-        return ["logits", *(e.output_name for e in self.cache)]
+        return ["logits", *(e.output_name for e in self.cache),
+                *(["present_length"] if self.bounded else [])]
+
+    def cache_bytes(self, past: int, bytes_per_element: int = 2) -> int:
+        """Bytes of the whole cache after ``past`` tokens (bf16 by default)."""
+        return sum(e.bytes(past, bytes_per_element) for e in self.cache)
+
+    def cache_report(self, bytes_per_element: int = 2) -> dict:
+        """Cache bytes per token of the unbounded entries, the bounded entries' bytes at their
+        bound, and the largest bound (tokens)."""
+        unbounded = [e for e in self.cache if e.bound is None]
+        bounded = [e for e in self.cache if e.bound is not None]
+        return {"bytes_per_element": bytes_per_element,
+                "unbounded_bytes_per_token": sum(e.bytes(1, bytes_per_element)
+                                                 for e in unbounded),
+                "bounded_bytes": sum(e.bytes(e.bound, bytes_per_element) for e in bounded),
+                "bound_tokens": max((e.bound for e in bounded), default=None),
+                "entries": len(self.cache), "bounded_entries": len(bounded)}
 
     def example_inputs(self, batch: int = 2, seq: int = 5, past: int = 3
                        ) -> list[torch.Tensor]:
@@ -95,9 +136,11 @@ class Decoder:
         return _example_inputs(self.module, batch, seq, past)
 
     def empty_cache(self, batch: int = 1, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        """Zero-length past tensors [B, Hkv, 0, D], one per cache entry."""
+        """Zero-length past tensors [B, Hkv, 0, D], one per cache entry (and past_length 0
+        when bounded)."""
         dtype = dtype or _param_dtype(self.module)
-        return [torch.zeros(batch, e.heads, 0, e.head_dim, dtype=dtype) for e in self.cache]
+        past = [torch.zeros(batch, e.heads, 0, e.head_dim, dtype=dtype) for e in self.cache]
+        return past + ([torch.zeros((), dtype=torch.long)] if self.bounded else [])
 
     def step(self, input_ids: torch.Tensor, past: list[torch.Tensor]
              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -126,10 +169,12 @@ def greedy_reference(program, input_ids: torch.Tensor, max_new_tokens: int) -> t
     return ids
 
 
-def build_decoder(program, *, check: bool = True) -> Decoder:
+def build_decoder(program, *, check: bool = True, bounded: bool = True) -> Decoder:
     """The program as a decoder step with a KV cache; raises DecoderError when the program is
     not a causal LM of causal self-attention sites, or when the decoder does not reproduce the
-    program (``check``: prefill of a prompt plus one step against one full forward)."""
+    program (``check``: prefill of a prompt plus one step against one full forward).
+    ``bounded``: sink + window KV heads keep only what their mask reads (else every entry
+    keeps every token)."""
     _check_sites(program)
     graph = copy_graph(program.module)
     ids = _token_input(graph)
@@ -138,12 +183,13 @@ def build_decoder(program, *, check: bool = True) -> Decoder:
         raise DecoderError("the program has no rewriter::attention nodes (compiled for a "
                            "backend?): build the decoder from the program before compile()")
     sites = {s.node: s for s in program.sites}
-    pasts, past_len = _add_cache_inputs(graph, ids, canonical, sites)
+    groups = _head_groups(canonical, bounded)
+    pasts, past_len, length = _add_cache_inputs(graph, ids, canonical, sites, groups)
     if not _shift_positions(graph, ids, past_len):
         raise DecoderError("no arange over the token axis found: cannot tell where the model "
                            "computes positions, so cached decoding would restart them at 0")
-    presents, cached_sites = _attend_over_cache(graph, canonical, pasts, sites)
-    cache = _set_outputs(graph, pasts, presents)
+    presents, cached_sites = _attend_over_cache(graph, canonical, pasts, sites, groups, length)
+    cache = _set_outputs(graph, pasts, presents, length)
     _drop_static_inputs(graph)
     graph.set_codegen(CodeGen())  # a plain forward(input_ids, past_key_0, ...) signature
     module = GraphModule(program.module, graph, class_name="Decoder")
@@ -155,70 +201,172 @@ def build_decoder(program, *, check: bool = True) -> Decoder:
     return decoder
 
 
-def _add_cache_inputs(graph: Graph, ids: Node, canonical: list[Node], sites: dict
-                      ) -> tuple[dict[Node, tuple[Node, CacheEntry]], Node]:
-    """A past_<kind>_<n> placeholder per distinct K/V node, in first-use order; returns
-    {K/V node: (placeholder, entry)} and a node holding P (the past length)."""
-    readers: dict[tuple[str, Node], list[int]] = {}  # first-use order (dicts keep it)
+@dataclass(frozen=True)
+class _Group:
+    """KV heads of one K/V source that share a cache bound (None: unbounded)."""
+
+    kv_heads: tuple[int, ...]
+    bound: int | None
+    whole: bool  # all the source's KV heads (no split needed)
+
+
+def _head_groups(canonical: list[Node], bounded: bool = True
+                 ) -> dict[tuple[Node, Node], list[_Group]]:
+    """Per (K, V) source: its KV heads grouped by cache bound. A KV head is bounded when every
+    site reading it masks it to the same sink and some window (rewriter.ir.masks); its bound
+    is the largest its readers need."""
+    readers: dict[tuple[Node, Node], list[Node]] = {}
+    for node in canonical:
+        readers.setdefault((node.args[1], node.args[2]), []).append(node)
+    groups = {}
+    for pair, nodes in readers.items():
+        hkv = int(pair[0].meta["val"].shape[1])
+        bounds: list[int | None] | None = None
+        sinks = set()
+        for node in nodes:
+            sparsity = node.kwargs.get("sparsity", "")
+            if is_topk(sparsity) or not sparsity:
+                per_kv = [None] * hkv
+            else:
+                spec = MaskSpec.parse(sparsity)
+                sinks.add(spec.sink)
+                per_kv = spec.kv_head_bounds(int(node.args[0].meta["val"].shape[1]), hkv)
+            bounds = per_kv if bounds is None else [
+                None if a is None or b is None else max(a, b)
+                for a, b in zip(bounds, per_kv, strict=True)]
+        if len(sinks) > 1 or not bounded:  # readers would evict differently
+            bounds = [None] * hkv
+        by_bound: dict[int | None, list[int]] = {}
+        for g, b in enumerate(bounds):
+            by_bound.setdefault(b, []).append(g)
+        groups[pair] = [_Group(tuple(heads), b, len(by_bound) == 1)
+                        for b, heads in by_bound.items()]
+    return groups
+
+
+def _add_cache_inputs(graph: Graph, ids: Node, canonical: list[Node], sites: dict,
+                      groups: dict) -> tuple[dict, Node, Node | None]:
+    """A past_<kind>_<n> placeholder per (K/V node, head group), in first-use order, and a
+    past_length placeholder when some group is bounded; returns {(K/V node, group): (its
+    placeholder, entry)}, a node holding P (the past length) and the past_length node."""
+    read_by: dict[Node, list[int]] = {}
     for node in canonical:
         site = sites.get(node.name)
-        for kind, source in (("key", node.args[1]), ("value", node.args[2])):
-            readers.setdefault((kind, source), []).append(-1 if site is None else site.index)
-    pasts: dict[Node, tuple[Node, CacheEntry]] = {}
+        for source in node.args[1:3]:
+            read_by.setdefault(source, []).append(-1 if site is None else site.index)
+    pasts: dict[tuple[Node, _Group], tuple[Node, CacheEntry]] = {}
     counts = {"key": 0, "value": 0}
     last = ids
-    for (kind, source), read_by in readers.items():
-        if source in pasts:  # one tensor read as both key and value
-            continue
-        shape = source.meta["val"].shape  # [B, Hkv, S, D]
-        entry = CacheEntry(kind, counts[kind], int(shape[1]), int(shape[3]), tuple(read_by))
-        counts[kind] += 1
+    for pair, pair_groups in groups.items():
+        for group in pair_groups:  # inputs in cache order: key_n, value_n, key_n+1, ...
+            for kind, source in zip(("key", "value"), pair, strict=True):
+                if (source, group) in pasts:  # one tensor read as both key and value
+                    continue
+                val = source.meta["val"]  # [B, Hkv, S, D]
+                entry = CacheEntry(kind, counts[kind], len(group.kv_heads), int(val.shape[3]),
+                                   tuple(dict.fromkeys(read_by[source])), group.bound,
+                                   None if group.whole else group.kv_heads)
+                counts[kind] += 1
+                with graph.inserting_after(last):
+                    last = graph.placeholder(entry.input_name)
+                # rank, dtype and the entry's head count; re-derived at the end
+                last.meta["val"] = val if group.whole else val.new_empty(
+                    (val.shape[0], len(group.kv_heads), *val.shape[2:]))
+                pasts[(source, group)] = (last, entry)
+    length = None
+    if any(g.bound is not None for gs in groups.values() for g in gs):
         with graph.inserting_after(last):
-            last = graph.placeholder(entry.input_name)
-        last.meta["val"] = source.meta["val"]  # rank and dtype; re-derived at the end
-        pasts[source] = (last, entry)
-    first_past = next(iter(pasts.values()))[0]
+            last = length = graph.placeholder("past_length")
+        length.meta["val"] = torch.zeros((), dtype=torch.long)
     with graph.inserting_after(last):
-        past_len = graph.call_function(aten.sym_size.int, (first_past, 2))
-    return pasts, past_len
+        if length is not None:  # bounded caches do not tell P: the input does
+            past_len = length
+        else:
+            past_len = graph.call_function(aten.sym_size.int, (next(iter(pasts.values()))[0], 2))
+    return pasts, past_len, length
 
 
-def _attend_over_cache(graph: Graph, canonical: list[Node], pasts: dict, sites: dict
-                       ) -> tuple[dict[Node, Node], dict[str, object]]:
-    """Each canonical node -> cached_attention; returns {K/V node: its present} (from the
+def _attend_over_cache(graph: Graph, canonical: list[Node], pasts: dict, sites: dict,
+                       groups: dict, length: Node | None
+                       ) -> tuple[dict, dict[str, object]]:
+    """Each canonical node -> one cached (or bounded) attention op per head group, outputs
+    concatenated back in query-head order; returns {(K/V node, group): its present} (from the
     first site reading it) and {cached node name: site}."""
-    presents: dict[Node, Node] = {}
+    presents: dict[tuple[Node, _Group], Node] = {}
     cached_sites: dict[str, object] = {}
     for node in canonical:
         q, k, v = node.args[:3]
         kw = node.kwargs
+        hq, hkv = int(q.meta["val"].shape[1]), int(k.meta["val"].shape[1])
+        group_size = hq // hkv
+        outs, order = [], []
         with graph.inserting_before(node):
-            cached = graph.call_function(
-                CACHED, (q, k, v, pasts[k][0], pasts[v][0]),
-                {"scale": kw["scale"], "sparsity": kw.get("sparsity", ""),
-                 "softcap": kw.get("softcap", 0.0)})
-            out = graph.call_function(operator.getitem, (cached, 0))
-            for i, source in ((1, k), (2, v)):
-                if source not in presents:
-                    presents[source] = graph.call_function(operator.getitem, (cached, i))
+            for group in groups[(k, v)]:
+                q_heads = [g * group_size + j for g in group.kv_heads for j in range(group_size)]
+                sparsity = kw.get("sparsity", "")
+                if group.whole:
+                    qq, kk, vv = q, k, v
+                else:
+                    qq = _select_heads(graph, q, q_heads)
+                    kk = _select_heads(graph, k, list(group.kv_heads))
+                    vv = kk if v is k else _select_heads(graph, v, list(group.kv_heads))
+                    if sparsity and not is_topk(sparsity):
+                        sparsity = MaskSpec.parse(sparsity).select_heads(q_heads, hq).format()
+                attrs = {"scale": kw["scale"], "sparsity": sparsity,
+                         "softcap": kw.get("softcap", 0.0)}
+                past_k, past_v = pasts[(k, group)][0], pasts[(v, group)][0]
+                if group.bound is None:
+                    cached = graph.call_function(CACHED, (qq, kk, vv, past_k, past_v), attrs)
+                else:
+                    cached = graph.call_function(BOUNDED, (qq, kk, vv, past_k, past_v, length),
+                                                 {**attrs, "bound": group.bound})
+                outs.append(graph.call_function(operator.getitem, (cached, 0)))
+                order += q_heads
+                for i, source in ((1, k), (2, v)):
+                    if (source, group) not in presents:
+                        presents[(source, group)] = graph.call_function(
+                            operator.getitem, (cached, i))
+                if node.name in sites:
+                    cached_sites[cached.name] = sites[node.name]
+            out = outs[0] if len(outs) == 1 else graph.call_function(aten.cat.default, (outs, 1))
+            if order != sorted(order):
+                inverse = sorted(range(len(order)), key=order.__getitem__)
+                out = _select_heads(graph, out, inverse)
         out.meta = dict(node.meta)
-        if node.name in sites:
-            cached_sites[cached.name] = sites[node.name]
         node.replace_all_uses_with(out)
         graph.erase_node(node)
     return presents, cached_sites
 
 
-def _set_outputs(graph: Graph, pasts: dict, presents: dict) -> list[CacheEntry]:
+def _select_heads(graph: Graph, x: Node, heads: list[int]) -> Node:
+    """x[:, heads] on axis 1, as slices of its contiguous runs (concatenated when several)."""
+    runs, start = [], 0
+    for i in range(1, len(heads) + 1):
+        if i == len(heads) or heads[i] != heads[i - 1] + 1:
+            runs.append((heads[start], heads[i - 1] + 1))
+            start = i
+    parts = [graph.call_function(aten.slice.Tensor, (x, 1, lo, hi)) for lo, hi in runs]
+    return parts[0] if len(parts) == 1 else graph.call_function(aten.cat.default, (parts, 1))
+
+
+def _set_outputs(graph: Graph, pasts: dict, presents: dict, length: Node | None
+                 ) -> list[CacheEntry]:
     """Outputs: logits (the model's first output), then the presents in cache order
-    (key_0, value_0, key_1, ...); returns the cache entries in that order."""
+    (key_0, value_0, key_1, ...) and present_length when bounded; returns the cache entries
+    in that order."""
     output = next(n for n in graph.nodes if n.op == "output")
     leaves = [x for x in tree_leaves(output.args[0]) if isinstance(x, Node)]
     if not leaves:
         raise DecoderError("the program has no tensor output to take logits from")
     order = sorted(pasts, key=lambda src: (pasts[src][1].index, pasts[src][1].kind != "key"))
+    extra = []
+    if length is not None:
+        with graph.inserting_before(output):
+            ids = next(n for n in graph.nodes if n.op == "placeholder")
+            new = graph.call_function(aten.sym_size.int, (ids, 1))
+            extra.append(graph.call_function(aten.add.Tensor, (length, new)))
     graph.erase_node(output)
-    graph.output((leaves[0], *(presents[src] for src in order)))
+    graph.output((leaves[0], *(presents[src] for src in order), *extra))
     return [pasts[src][1] for src in order]
 
 
@@ -338,6 +486,8 @@ def _example_inputs(module: GraphModule, batch: int = 2, seq: int = 5, past: int
         val = node.meta["val"]
         if node.name == "input_ids":
             out.append(torch.zeros(batch, seq, dtype=val.dtype))
+        elif node.name == "past_length":
+            out.append(torch.tensor(past, dtype=torch.long))
         else:
             out.append(torch.zeros(batch, int(val.shape[1]), past, int(val.shape[3]),
                                    dtype=val.dtype))

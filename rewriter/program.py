@@ -64,10 +64,11 @@ class Program(GraphProgram):
         ``kv_cache``: a decoder step with past/present key-value inputs and outputs."""
         return export_onnx(self, path, target, kv_cache=kv_cache)
 
-    def decoder(self):
+    def decoder(self, *, bounded: bool = True):
         """This causal LM as a step function over a KV cache (rewriter.decoder.Decoder),
-        checked against the program before it is returned."""
-        return build_decoder(self)
+        checked against the program before it is returned. Sink + window heads keep a bounded
+        cache unless ``bounded=False``; ``decoder.cache_report()`` gives the bytes."""
+        return build_decoder(self, bounded=bounded)
 
     def save(self, path, *, force: bool = False, verification: VerifyReport | None = None,
              onnx: str | None = None) -> dict:
@@ -88,7 +89,10 @@ class Program(GraphProgram):
         acc = self.accounting(1024)
         grids = any(r["ctx"] != 1024 for r in acc["sites"])  # neighbourhoods: their own length
         console.print(f"{len(self.sites)} sites, {self.parameter_count():,} parameters, "
-                      f"KV cache {acc['kv_cache_bytes_per_token']:,} B/token (bf16), attention "
+                      f"KV cache {acc['kv_cache_bytes_per_token']:,} B/token (bf16)"
+                      + (f" ({acc['kv_cache_bytes_at_ctx']:,} B at 1024 tokens, bounded)"
+                         if acc["kv_cache_bytes_at_ctx"] < 1024 * acc["kv_cache_bytes_per_token"]
+                         else "") + ", attention "
                       f"density {acc['attention_density']:.3f} and "
                       f"{acc['attention_flops'] / 1e9:.2f} GFLOP at 1024 tokens"
                       + (" (grid sites at their grid's tokens)" if grids else ""))

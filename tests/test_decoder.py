@@ -149,19 +149,28 @@ def _positions_not_shifted(graph, ids, past_len):  # noqa: ARG001  (the surgery'
     return 1  # claims success, but positions restart at 0 after the prefill
 
 
-def _cache_drops_sparsity(graph, canonical, pasts, sites):
-    for node in canonical:
-        node.kwargs = {**node.kwargs, "sparsity": ""}
-    return ORIGINAL_ATTEND(graph, canonical, pasts, sites)
+def _cache_widens_window(graph, canonical, pasts, sites, groups, length):
+    for node in canonical:  # window=3 -> window=12: the cached ops read too many keys
+        node.kwargs = {**node.kwargs, "sparsity": "window=12,sink=1"}
+    return ORIGINAL_ATTEND(graph, canonical, pasts, sites, groups, length)
+
+
+def _cache_evicts_too_much(canonical, bounded):
+    """Bounds one position short: the oldest key of the window is evicted."""
+    return {pair: [decoder_mod._Group(g.kv_heads, g.bound and g.bound - 1, g.whole)
+                   for g in groups]
+            for pair, groups in ORIGINAL_GROUPS(canonical, bounded).items()}
 
 
 ORIGINAL_ATTEND = decoder_mod._attend_over_cache
+ORIGINAL_GROUPS = decoder_mod._head_groups
 
 
 @pytest.mark.parametrize("spec, broken", [
     ("", ("_shift_positions", _positions_not_shifted)),
-    ("sparse:window=3,sink=1", ("_attend_over_cache", _cache_drops_sparsity)),
-], ids=["positions", "sparsity"])
+    ("sparse:window=3,sink=1", ("_attend_over_cache", _cache_widens_window)),
+    ("sparse:window=3,sink=1", ("_head_groups", _cache_evicts_too_much)),
+], ids=["positions", "sparsity", "eviction"])
 def test_broken_surgery_is_caught(monkeypatch, spec, broken):
     """A deliberately wrong surgery fails the float64 self-check by orders of magnitude (the
     message names the error), where fp32 rounding could not hide it or fake it."""

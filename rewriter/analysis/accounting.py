@@ -16,7 +16,9 @@ def site_accounting(site: AttentionSite, ctx: int, bytes_per_element: int = 2) -
     flops: multiply-adds x2 of q k^T and p v over the kept entries, for one sequence of ``ctx``
     tokens (a neighbourhood mask: its grid's token count instead, the only length it has);
     dense_flops: the same without the sparsity; kv_bytes_per_token: what one more token adds
-    to the KV cache (0 when the site reads another site's K/V)."""
+    to the KV cache (0 when the site reads another site's K/V); kv_bound: per KV head, the
+    positions a bounded decoder cache keeps (sink + W - 1; None: every token, rewriter.decoder);
+    kv_bytes_at_ctx: the site's cache after ``ctx`` tokens with those bounds."""
     mask = MaskSpec.parse(site.sparsity)
     ctx = mask.tokens or ctx
     causal = is_causal_site(site)
@@ -26,6 +28,10 @@ def site_accounting(site: AttentionSite, ctx: int, bytes_per_element: int = 2) -
     allowed = float(base.sum()) * site.num_heads
     flops = 2 * kept * (site.head_dim + site.v_head_dim)
     owns_kv = site.kv_source is None
+    bounds = mask.kv_head_bounds(site.num_heads, site.num_kv_heads) if causal and not site.cross \
+        else [None] * site.num_kv_heads
+    per_head = (site.head_dim + site.v_head_dim) * bytes_per_element
+    at_ctx = sum(per_head * (ctx if b is None else min(ctx, b)) for b in bounds) if owns_kv else 0
     return {
         "site": site.index,
         "density": kept / allowed,
@@ -33,6 +39,8 @@ def site_accounting(site: AttentionSite, ctx: int, bytes_per_element: int = 2) -
         "dense_flops": 2 * float(base.sum()) * site.num_heads * (site.head_dim + site.v_head_dim),
         "ctx": ctx,
         "kv_bytes_per_token": site.kv_cache_bytes_per_token(bytes_per_element) if owns_kv else 0,
+        "kv_bound": bounds,
+        "kv_bytes_at_ctx": at_ctx,
     }
 
 
@@ -47,6 +55,7 @@ def program_accounting(sites: list[AttentionSite], ctx: int = 1024,
         "attention_flops": flops,
         "attention_density": flops / dense_flops if dense_flops else 1.0,
         "kv_cache_bytes_per_token": sum(r["kv_bytes_per_token"] for r in rows),
+        "kv_cache_bytes_at_ctx": sum(r["kv_bytes_at_ctx"] for r in rows),
         "sites": rows,
     }
 

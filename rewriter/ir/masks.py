@@ -165,14 +165,17 @@ class MaskSpec:
 
     def head_windows(self, num_heads: int) -> torch.Tensor:
         """[H] int64: each head's window; 0 marks a full-attention head."""
+        return torch.tensor(self.window_list(num_heads), dtype=torch.long)
+
+    def window_list(self, num_heads: int) -> list[int]:
+        """head_windows as Python ints (usable under fake tensors)."""
         if self.heads is None:
-            return torch.full((num_heads,), self.window or 0, dtype=torch.long)
+            return [self.window or 0] * num_heads
         entries = _head_entries(self.heads)
         if len(entries) != num_heads:
             raise SpecError(f"mask heads={self.heads!r} has {len(entries)} entries for "
                             f"{num_heads} heads")
-        return torch.tensor([0 if e == "f" else self.window if e == "s" else int(e)
-                             for e in entries], dtype=torch.long)
+        return [0 if e == "f" else self.window if e == "s" else int(e) for e in entries]
 
     def mask_mod(self, b, h, q_idx, kv_idx, *, offset: int = 0, windows=None):
         """Broadcasting keep-predicate on index tensors (FlexAttention's mask_mod signature).
@@ -211,6 +214,56 @@ class MaskSpec:
             axis = same & (y // d >= start) & (y // d < start + k)
             in_reach = axis if in_reach is None else in_reach & axis
         return keep | in_reach
+
+    def keep_at(self, pos_q: torch.Tensor, pos_k: torch.Tensor, num_heads: int = 1
+                ) -> torch.Tensor:
+        """[H, Sq, Sk] bool keep-mask for queries and keys at the absolute positions ``pos_q``
+        [Sq] and ``pos_k`` [Sk] (H = 1 without a per-head table): what a bounded KV cache
+        needs, whose keys are not 0..Sk-1 once it has evicted some."""
+        q, k = pos_q.view(1, -1, 1), pos_k.view(1, 1, -1)
+        if self.heads is None:
+            return self.mask_mod(None, None, q, k)
+        h = torch.arange(num_heads, device=pos_q.device).view(num_heads, 1, 1)
+        windows = self.head_windows(num_heads).to(pos_q.device)
+        return self.mask_mod(None, h, q, k, windows=windows)
+
+    # --- bounded KV caches ----------------------------------------------------------------
+
+    def head_bounds(self, num_heads: int) -> list[int | None]:
+        """Per query head, the cached positions a causal decoder must keep for it: the sink
+        plus the last W - 1 (query p reads keys p-W+1..p, so the next query needs the W - 1
+        before it); None when the head reads everything (full, or not a sink+window mask)."""
+        if self.neighborhood is not None or self.window is None:
+            return [None] * num_heads
+        return [None if w == 0 else self.sink + w - 1 for w in self.window_list(num_heads)]
+
+    def kv_head_bounds(self, num_heads: int, num_kv_heads: int) -> list[int | None]:
+        """head_bounds per KV head: the largest of its query heads' (None if any is full)."""
+        per_q, group = self.head_bounds(num_heads), num_heads // num_kv_heads
+        out = []
+        for g in range(num_kv_heads):
+            bounds = per_q[g * group:(g + 1) * group]
+            out.append(None if None in bounds else max(bounds))
+        return out
+
+    def cache_bound(self, num_heads: int) -> int | None:
+        """The cache positions every head of this mask needs (None: some head reads all)."""
+        bounds = self.head_bounds(num_heads)
+        return None if None in bounds else max(bounds)
+
+    def select_heads(self, heads: list[int], num_heads: int) -> MaskSpec:
+        """The mask of the query heads ``heads`` (of ``num_heads``) alone, simplified: a
+        table whose heads all share one entry becomes that entry."""
+        if self.heads is None:
+            return self
+        all_windows = self.window_list(num_heads)
+        windows = [all_windows[h] for h in heads]
+        if all(w == 0 for w in windows):
+            return MaskSpec()
+        if all(w == windows[0] for w in windows):
+            return MaskSpec(windows[0], self.sink, self.dilation)
+        return MaskSpec(self.window, self.sink, self.dilation,
+                        head_table([None if w == 0 else w for w in windows], self.window))
 
     def rows(self, start: int, stop: int, sq: int, sk: int, num_heads: int = 1,
              device=None) -> torch.Tensor:

@@ -37,8 +37,8 @@ from rewriter.ir import blocksparse
 from rewriter.ir.masks import MaskSpec, causal_mask
 from rewriter.ir.topk import TopKSpec, is_topk, topk_attention
 
-__all__ = ["attention", "attention_grads", "cached_attention", "reference_attention",
-           "reference_probs"]
+__all__ = ["attention", "attention_grads", "bounded_cached_attention", "cached_attention",
+           "evict", "reference_attention", "reference_probs"]
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -226,6 +226,70 @@ def _cached_attention_fake(q, k, v, past_key, past_value, *, scale, sparsity="",
     present_key = past_key.new_empty((*k.shape[:2], past_key.shape[2] + k.shape[2], k.shape[3]))
     present_value = past_value.new_empty(
         (*v.shape[:2], past_value.shape[2] + v.shape[2], v.shape[3]))
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), present_key, present_value
+
+
+@torch.library.custom_op("rewriter::bounded_cached_attention", mutates_args=())
+def bounded_cached_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    past_key: Tensor,
+    past_value: Tensor,
+    past_length: Tensor,
+    *,
+    scale: float,
+    sparsity: str,
+    bound: int,
+    softcap: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``cached_attention`` for a sink + window mask, over a cache that keeps only what the
+    mask can still read (StreamingLLM): the first ``sink`` positions and the last
+    ``bound - sink``. ``bound`` must be at least MaskSpec.cache_bound (sink + W - 1, W the
+    largest window of the heads; more when another site shares the cache), else eviction drops
+    keys the mask reads.
+
+        past_key [B, Hkv, L, D], past_value [B, Hkv, L, Dv], L <= bound
+        past_length: int64 scalar P, the tokens seen before these S (P >= L)
+        -> out [B, Hq, S, Dv], present_key/value [B, Hkv, min(L + S, bound), D/Dv]
+
+    Cache entry j holds position j when j < sink, else P - L + j: the kept tail is contiguous
+    and ends at P - 1 (while nothing is evicted, L == P and entry j is position j). Keys are
+    cached after their positional transform (RoPE), so eviction is exact: the output equals
+    ``cached_attention`` over the whole cache."""
+    spec = MaskSpec.parse(sparsity)
+    keys, values = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
+    past, cached, new = int(past_length), past_key.shape[2], q.shape[2]
+    if cached == past:  # nothing evicted: positions 0..P+S-1, the plain cached op's case
+        keep = causal_mask(new, cached + new).to(q.device)
+        out = attention(q, keys, values, keep, scale=scale, sparsity=sparsity, softcap=softcap)
+    else:
+        pos_q = torch.arange(past, past + new, device=q.device)
+        sink = min(spec.sink, cached)
+        pos_k = torch.cat([torch.arange(sink, device=q.device),
+                           torch.arange(past - cached + sink, past + new, device=q.device)])
+        keep = spec.keep_at(pos_q, pos_k, q.shape[1]) & (pos_k.view(1, -1) <= pos_q.view(-1, 1))
+        out = attention(q, keys, values, keep.unsqueeze(0), scale=scale, softcap=softcap)
+    return out, evict(keys, spec.sink, bound), evict(values, spec.sink, bound)
+
+
+def evict(cache: Tensor, sink: int, bound: int) -> Tensor:
+    """[B, H, T, D] -> [B, H, min(T, bound), D]: the first ``sink`` positions and the last
+    ``bound - sink`` (a copy, so the caller may drop the longer tensor)."""
+    total = cache.shape[2]
+    if total <= bound:
+        return cache.clone()
+    tail = bound - sink
+    return torch.cat([cache[:, :, :sink], cache.narrow(2, total - tail, tail)], dim=2)
+
+
+@bounded_cached_attention.register_fake
+def _bounded_cached_attention_fake(q, k, v, past_key, past_value, past_length, *, scale,
+                                   sparsity, bound, softcap=0.0):
+    _check_shapes(q, k, v)
+    length = torch.sym_min(past_key.shape[2] + k.shape[2], bound)
+    present_key = past_key.new_empty((*k.shape[:2], length, k.shape[3]))
+    present_value = past_value.new_empty((*v.shape[:2], length, v.shape[3]))
     return q.new_empty((*q.shape[:-1], v.shape[-1])), present_key, present_value
 
 
