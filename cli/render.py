@@ -179,7 +179,10 @@ def conversion_report(model: str, specs: list[str], before: dict, manifest: dict
              f"  sites          {len(before['sites'])} -> {len(manifest['sites'])} "
              f"({sites_line(manifest['sites'])})",
              f"  parameters     {pa:,} -> {pb:,} ({(pb - pa) / max(pa, 1):+.1%})",
-             f"  KV cache       {ka:,} -> {kb:,} bytes/token (bf16, {kb / max(ka, 1):.0%})"]
+             f"  KV cache       {ka:,} -> {kb:,} bytes/token (bf16, {kb / max(ka, 1):.0%})"
+             + (f"; bounded to {manifest['kv_cache_bound_tokens']} tokens per streaming head "
+                f"({manifest['kv_cache_bytes_at_1024']:,} bytes at 1024)"
+                if manifest.get("kv_cache_bound_tokens") else "")]
     if report is not None:
         lines.append(f"  verify         max relative error vs {model}: {report.max_rel:.3g} "
                      "(example inputs)")

@@ -30,6 +30,9 @@ def manifest_of(program, verification=None) -> dict:
         "passes": program.manifest.get("passes", []),
         "parameters": program.parameter_count(),
         "kv_cache_bytes_per_token": acc["kv_cache_bytes_per_token"],
+        # a decoder's cache after 1024 tokens, sink + window KV heads bounded (rewriter.decoder)
+        "kv_cache_bytes_at_1024": acc["kv_cache_bytes_at_ctx"],
+        "kv_cache_bound_tokens": _largest_bound(acc),
         "attention_density_at_1024": acc["attention_density"],
         "sites": [s.to_dict(full=True) for s in program.sites],
         # every name of each tied tensor: torch.export stores it once, loads it as copies
@@ -39,6 +42,11 @@ def manifest_of(program, verification=None) -> dict:
         **{k: v for k, v in program.manifest.items()
            if k in ("quality", "onnx", "compile", "timings", "before")},
     }
+
+
+def _largest_bound(acc: dict) -> int | None:
+    bounds = [b for row in acc["sites"] for b in row["kv_bound"] if b is not None]
+    return max(bounds, default=None)
 
 
 def save_program(program, path, *, force: bool = False, verification=None,

@@ -163,3 +163,14 @@ def test_smollm2_bounded_generation():
     tokens = dec.generate(prompt, 12)
     assert prompt.shape[1] + 12 > 4 * dec.cache_report()["bound_tokens"]  # well past it
     assert torch.equal(tokens, greedy_reference(prog, prompt, 12))
+
+
+def test_manifest_reports_the_bound():
+    from rewriter.checkpoint import manifest_of
+
+    prog = rw.rewrite(capture_lm("llama-sdpa"), "sparse:window=4,heads=0;1")
+    m = manifest_of(prog)
+    assert m["kv_cache_bound_tokens"] == 3
+    # per layer: KV head 0 keeps 3 positions, KV head 1 all 1024 (bf16, K and V, D = 8)
+    assert m["kv_cache_bytes_at_1024"] == 2 * (3 + 1024) * 2 * 8 * 2
+    assert manifest_of(capture_lm("llama-sdpa"))["kv_cache_bound_tokens"] is None
