@@ -112,3 +112,28 @@ def test_bad_specs_raise_one_line_errors(text, message):
 def test_heads_table_length_must_match():
     with pytest.raises(SpecError, match="3 entries for 4 heads"):
         MaskSpec(window=2, heads="fsf").dense(4, 4, num_heads=4)
+
+
+@pytest.mark.parametrize("causal, mask", [(True, None), (False, "bool"), (False, "float")])
+def test_mixed_head_table_runs_per_part_and_matches_reference(causal, mask):
+    """A per-KV-head table (sparse:heads=auto's output) runs full heads on SDPA's causal kernel
+    and windowed heads block-sparse (long enough for it: 600 x 600), equal to the reference."""
+    from rewriter.ir.ops import _head_parts, attention, reference_attention
+
+    g = torch.Generator().manual_seed(0)
+    sparsity = "window=64,sink=4,heads=s/s/f/f/f/f/s/32"  # KV heads 0, 3 stream; 1, 2 full
+    parts = _head_parts(sparsity, 8, 4)
+    assert [p[1] for p in parts] == [[0, 3], [1, 2]]
+    assert parts[0][2] == "window=64,sink=4,heads=s/s/s/32" and parts[1][2] == ""
+    assert _head_parts("window=64,heads=sfffffff", 8, 4) is None  # KV head 0 mixes kinds
+    q = torch.randn(2, 8, 600, 16, generator=g)
+    k, v = (torch.randn(2, 4, 600, 16, generator=g) for _ in range(2))
+    attn_mask = None
+    if mask == "bool":
+        attn_mask = torch.rand(600, 600, generator=g) > 0.1
+    elif mask == "float":
+        attn_mask = torch.randn(1, 1, 600, 600, generator=g)
+    got = attention(q, k, v, attn_mask, scale=0.25, is_causal=causal, sparsity=sparsity)
+    want = reference_attention(q, k, v, attn_mask, scale=0.25, is_causal=causal,
+                               sparsity=sparsity)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5

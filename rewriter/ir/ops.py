@@ -148,6 +148,15 @@ def attention(
                 attn_mask & causal if attn_mask.dtype == torch.bool
                 else attn_mask.masked_fill(~causal, float("-inf")))
         return topk_attention(q, k, v, attn_mask, scale=scale, spec=TopKSpec.parse(sparsity))
+    if sparsity and (attn_mask is None or attn_mask.dim() < 4 or attn_mask.shape[1] == 1):
+        parts = _head_parts(sparsity, q.shape[1], k.shape[1])
+        if parts is not None:  # full and windowed heads: each part on its fastest path
+            out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+            for q_heads, kv_heads, spec in parts:
+                out[:, q_heads] = attention(q[:, q_heads], k[:, kv_heads], v[:, kv_heads],
+                                            attn_mask, scale=scale, is_causal=is_causal,
+                                            sparsity=spec)
+            return out
     if sparsity and blocksparse.worthwhile(sparsity, sq, sk, q.shape[1], is_causal):
         # Few keys per query block: compute only those (rewriter.ir.blocksparse).
         return blocksparse.attention(q, k, v, attn_mask, scale=scale, is_causal=is_causal,
@@ -178,6 +187,32 @@ def attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
     )
+
+
+def _head_parts(sparsity: str, hq: int, hkv: int) -> list[tuple[list, list, str]] | None:
+    """A per-head table mixing full and windowed heads, as (query heads, KV heads, the part's
+    mask) per group of whole KV heads with one kind: full heads then run SDPA's causal kernel
+    and windowed ones the block-sparse path, instead of all heads paying for a masked dense
+    call. None when there is nothing to split (or a KV head mixes kinds)."""
+    if is_topk(sparsity):
+        return None
+    spec = MaskSpec.parse(sparsity)
+    if spec.heads is None or spec.neighborhood is not None:
+        return None
+    windows, group = spec.window_list(hq), hq // hkv
+    kinds: dict[bool, list[int]] = {}
+    for g in range(hkv):
+        members = {windows[h] == 0 for h in range(g * group, (g + 1) * group)}
+        if len(members) > 1:
+            return None
+        kinds.setdefault(members.pop(), []).append(g)
+    if len(kinds) < 2:
+        return None
+    parts = []
+    for kv_heads in kinds.values():
+        q_heads = [g * group + j for g in kv_heads for j in range(group)]
+        parts.append((q_heads, kv_heads, spec.select_heads(q_heads, hq).format()))
+    return parts
 
 
 @attention.register_fake
@@ -212,10 +247,24 @@ def cached_attention(
     0..P+i (bottom-right causal), then ``sparsity`` and ``softcap`` as in ``attention``."""
     present_key = torch.cat([past_key, k], dim=2)
     present_value = torch.cat([past_value, v], dim=2)
-    keep = causal_mask(q.shape[2], present_key.shape[2]).to(q.device)
-    out = attention(q, present_key, present_value, keep, scale=scale, sparsity=sparsity,
-                    softcap=softcap)
+    out = _attend_cache(q, present_key, present_value, scale=scale, sparsity=sparsity,
+                        softcap=softcap)
     return out, present_key, present_value
+
+
+def _attend_cache(q: Tensor, keys: Tensor, values: Tensor, *, scale: float, sparsity: str,
+                  softcap: float) -> Tensor:
+    """S queries at the end of contiguous keys 0..T-1, bottom-right causal, with the cheapest
+    equivalent mask: none for one query (it sees every key), SDPA's own causal flag when there
+    is no past (top-left == bottom-right), else an explicit [S, T] mask."""
+    new, total = q.shape[2], keys.shape[2]
+    if new == 1:
+        return attention(q, keys, values, scale=scale, sparsity=sparsity, softcap=softcap)
+    if new == total:
+        return attention(q, keys, values, scale=scale, is_causal=True, sparsity=sparsity,
+                         softcap=softcap)
+    keep = causal_mask(new, total).to(q.device)
+    return attention(q, keys, values, keep, scale=scale, sparsity=sparsity, softcap=softcap)
 
 
 @cached_attention.register_fake
@@ -261,8 +310,7 @@ def bounded_cached_attention(
     keys, values = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
     past, cached, new = int(past_length), past_key.shape[2], q.shape[2]
     if cached == past:  # nothing evicted: positions 0..P+S-1, the plain cached op's case
-        keep = causal_mask(new, cached + new).to(q.device)
-        out = attention(q, keys, values, keep, scale=scale, sparsity=sparsity, softcap=softcap)
+        out = _attend_cache(q, keys, values, scale=scale, sparsity=sparsity, softcap=softcap)
     else:
         pos_q = torch.arange(past, past + new, device=q.device)
         sink = min(spec.sink, cached)
