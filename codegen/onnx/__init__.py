@@ -4,6 +4,7 @@
     masks.py      in-graph masks (causal, MaskSpec windows/sinks/dilation/per-head, grid
                   neighbourhoods)
     translate.py  per-site choice of ONNX op and the onnxscript translations
+    banded.py     causal sink + window attention on the keys each query block reads
     export.py     torch.onnx.export with dynamic batch/sequence axes, atomic write, manifest
 """
 

@@ -5,6 +5,8 @@ manifest of which ONNX op each site became (also written next to the file as JSO
 ``export_decoder`` does the same for a decoder with a KV cache (rewriter.decoder): inputs
 input_ids [batch, sequence] and past_key_<n>/past_value_<n> [batch, Hkv, past_sequence, D],
 outputs logits and present_key_<n>/present_value_<n> [batch, Hkv, past_sequence + sequence, D].
+A bounded decoder (sink + window caches) also has the input past_length and the output
+present_length (int64 scalars), and its bounded presents keep at most ``bound`` positions.
 """
 
 from __future__ import annotations
@@ -65,11 +67,13 @@ def export_decoder(decoder, path: str | os.PathLike, target: str = "onnx", *,
     # batch stays fixed where the capture pinned it (torch.export specializes a batch of 1)
     batch = None if decoder.static_batch else Dim("batch")
     seq, past = Dim("sequence"), Dim("past_sequence")
-    shapes = ({0: batch, 1: seq}, *({0: batch, 2: past} for _ in decoder.cache))
+    shapes = ({0: batch, 1: seq}, *({0: batch, 2: past} for _ in decoder.cache),
+              *([{}] if decoder.bounded else []))  # past_length: a scalar, no dynamic axes
     model = _to_onnx(decoder.module, tuple(decoder.example_inputs()), {}, shapes, plans,
                      names=(decoder.input_names, decoder.output_names))
     cache = [{"input": e.input_name, "output": e.output_name, "kv_heads": e.heads,
-              "head_dim": e.head_dim, "sites": list(e.sites)} for e in decoder.cache]
+              "head_dim": e.head_dim, "sites": list(e.sites), "bound": e.bound}
+             for e in decoder.cache]
     return _write(model, path, target, plans, check, cache=cache)["sites"]
 
 

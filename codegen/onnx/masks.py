@@ -36,6 +36,20 @@ def positions(q, k, sk=None):
     return q_pos, op.Sub(sk, sq), k_pos
 
 
+def cache_positions(q, past_key, past_length, sink: int):
+    """(query positions [S, 1], key positions [1, L + S]) of S new tokens over a bounded cache
+    of L entries after P = ``past_length`` (scalar int64) tokens
+    (rewriter.ir.ops.bounded_cached_attention): queries sit at P..P+S-1; entry j of
+    Concat(past, new) holds position j when j < min(sink, L), else P - L + j."""
+    one, cached = const(1), dim(past_key, 2)
+    q_pos = op.Unsqueeze(op.Range(past_length, op.Add(past_length, dim(q, 2)), one), const([1]))
+    j = op.Range(const(0), op.Add(cached, dim(q, 2)), one)
+    shifted = op.Add(j, op.Sub(past_length, cached))
+    if sink:
+        shifted = op.Where(op.Less(j, op.Min(const(sink), cached)), j, shifted)
+    return q_pos, op.Unsqueeze(shifted, const([0]))
+
+
 def causal_keep(q, k):
     """[1, 1, Sq, Sk]: key j visible from query i when j <= i (top-left, as in SDPA)."""
     q_pos, _, k_pos = positions(q, k)
@@ -52,17 +66,23 @@ def causal_keep_bottom_right(q, k, sk=None):
 def sparsity_keep(spec: MaskSpec, q, k, sk=None):
     """[1, Hs, Sq, Sk]: the MaskSpec predicate (rewriter.ir.masks.MaskSpec.mask_mod), bottom-right
     aligned: query i sits at position i + Sk - Sq."""
-    if spec.neighborhood is not None:
-        return neighborhood_keep(spec, q, k, sk)
     q_pos, offset, k_pos = positions(q, k, sk)
-    dist = op.Sub(op.Add(q_pos, offset), k_pos)  # [Sq, Sk]
+    return keep_at(spec, op.Add(q_pos, offset), k_pos, q.shape[1])
+
+
+def keep_at(spec: MaskSpec, q_pos, k_pos, num_heads: int):
+    """[1, Hs, Sq, Sk]: the MaskSpec predicate for queries at the absolute positions ``q_pos``
+    [Sq, 1] and keys at ``k_pos`` [1, Sk] (rewriter.ir.masks.MaskSpec.keep_at): a bounded KV
+    cache's keys are not 0..Sk-1 once it has evicted some. ``num_heads``: Hq, for a per-head
+    table."""
+    if spec.neighborhood is not None:
+        return _neighborhood_at(spec, q_pos, k_pos)
+    dist = op.Unsqueeze(op.Sub(q_pos, k_pos), const([0]))  # [1, Sq, Sk]
     if spec.heads is None:
         window = const(spec.window)
-        dist = op.Unsqueeze(dist, const([0]))  # [1, Sq, Sk]
     else:
-        windows = spec.head_windows(q.shape[1]).numpy()
+        windows = spec.head_windows(num_heads).numpy()
         window = const(windows.reshape(-1, 1, 1))  # [Hs, 1, 1]
-        dist = op.Unsqueeze(dist, const([0]))
     keep = op.Less(op.Abs(dist), window)
     if spec.dilation > 1:
         keep = op.And(keep, op.Equal(op.Mod(dist, const(spec.dilation)), const(0)))
@@ -78,7 +98,12 @@ def neighborhood_keep(spec: MaskSpec, q, k, sk=None):
     coordinates by integer Div/Mod (operands >= 0, so truncating Div is floor), the window
     start per axis on the query side [Sq, 1], compared with the key side [1, Sk]."""
     q_pos, offset, k_pos = positions(q, k, sk)
-    q_abs = op.Add(q_pos, offset)  # [Sq, 1] absolute query positions
+    return _neighborhood_at(spec, op.Add(q_pos, offset), k_pos)
+
+
+def _neighborhood_at(spec: MaskSpec, q_abs, k_pos):
+    """neighborhood_keep for queries at the absolute positions ``q_abs`` [Sq, 1] and keys at
+    ``k_pos`` [1, Sk]."""
     n, zero, kernel = const(spec.globals_), const(0), const(spec.neighborhood)
     half, dil = const(spec.neighborhood // 2), const(spec.dilation)
     q_cell = op.Max(op.Sub(q_abs, n), zero)  # grid cells; globals get 0 (overridden below)

@@ -13,10 +13,23 @@ Ops, by target:
           local_window_size for a plain window, other masks as attention_bias);
           com.microsoft.MultiHeadAttention for the rest when Hq == Hkv and there is no softcap;
           the standard Attention op otherwise.
+    both  "banded" (banded.py, standard ops) for causal self-attention with a static sink +
+          window MaskSpec (one window for all heads) unless "decomposed" is asked for: only
+          the keys a block of queries may read are gathered, no S x S mask or scores. Also
+          for a plain window on "ort": GroupQueryAttention's local_window_size was slower on
+          ONNX Runtime's CPU kernel, which still computes the causal scores (banded.py).
 
 Decoder sites (cached_attention): "onnx" uses Attention's own past_key/past_value inputs with a
 bottom-right causal mask ("decomposed": Concat, then MatMul/Softmax/MatMul); "ort" uses
 GroupQueryAttention's past_key/past_value (BNSH), seqlens_k = P + S - 1.
+
+Bounded decoder sites (``rewriter::bounded_cached_attention``: a sink + window cache of L <= bound
+entries after P = past_length tokens): both targets Concat(past, new) and attend with a bool mask
+built from the positions (causal and the MaskSpec on positions, MaskSpec.keep_at) by the
+standard Attention op ("decomposed" when asked), then evict: present = the first sink entries
+and the last bound - sink by two Slices (the whole Concat while L + S <= bound).
+GroupQueryAttention is not used: its local_window_size has no sinks, and it takes the cache to
+hold positions 0..L-1.
 """
 
 from __future__ import annotations
@@ -29,13 +42,16 @@ import onnx_ir as ir
 import torch
 from onnxscript import opset23 as op
 
+from rewriter.codegen.onnx import banded as band
 from rewriter.codegen.onnx import contrib
 from rewriter.codegen.onnx.masks import (
     bias,
+    cache_positions,
     causal_keep,
     causal_keep_bottom_right,
     const,
     dim,
+    keep_at,
     merge,
     sparsity_keep,
     to_4d,
@@ -48,8 +64,10 @@ from rewriter.ir.topk import TopKSpec, parse_sparsity
 
 ATTENTION = torch.ops.rewriter.attention.default
 CACHED = torch.ops.rewriter.cached_attention.default
+BOUNDED = torch.ops.rewriter.bounded_cached_attention.default
 STANDARD, DECOMPOSED, GQA, MHA = "Attention", "decomposed", "GroupQueryAttention", \
     "MultiHeadAttention"
+BANDED = "banded"  # codegen/onnx/banded.py: standard ops, O(S * (sink + W + Bq)) work
 
 
 @dataclass
@@ -62,11 +80,14 @@ class SitePlan:
     reason: str
     cached: bool = False  # a decoder site reading and writing a KV cache
     rereads: bool = False  # its K or V cache entry is also read by an earlier site (share-kv)
+    bound: int | None = None  # a bounded (sink + window) cache site: the positions it keeps
 
     def to_dict(self) -> dict:
         domain = "com.microsoft" if self.op in (GQA, MHA) else ""
         row = {"site": self.site, "node": self.node, "op": self.op, "domain": domain,
                "reason": self.reason}
+        if self.bound is not None:
+            row["bound"] = self.bound
         return {**row, "kv_cache": True} if self.cached else row
 
 
@@ -75,16 +96,18 @@ def plan(module, sites: dict, target: str, decompose: bool = False) -> list[Site
     in graph order (the order torch.onnx translates them)."""
     plans, read = [], set()
     for node in module.graph.nodes:
-        if node.op != "call_function" or node.target not in (ATTENTION, CACHED):
+        if node.op != "call_function" or node.target not in (ATTENTION, CACHED, BOUNDED):
             continue
         site = sites.get(node.name)
-        cached = node.target is CACHED
-        op_name, reason = (choose_cached if cached else choose)(node, site, target, decompose)
+        cached = node.target in (CACHED, BOUNDED)
+        bound = node.kwargs["bound"] if node.target is BOUNDED else None
+        choice = choose_bounded if bound is not None else choose_cached if cached else choose
+        op_name, reason = choice(node, site, target, decompose)
         rereads = cached and bool(read & set(node.args[3:5]))
         if cached:
             read.update(node.args[3:5])
         plans.append(SitePlan(None if site is None else site.index, node.name, op_name, reason,
-                              cached, rereads))
+                              cached, rereads, bound))
     return plans
 
 
@@ -92,6 +115,9 @@ def choose(node, site, target: str, decompose: bool) -> tuple[str, str]:
     q, k, v = (a.meta["val"] for a in node.args[:3])
     attrs = node.kwargs
     hq, hkv = q.shape[1], k.shape[1]
+    banded = None if decompose else _banded_choice(node, site)
+    if banded is not None:
+        return BANDED, banded
     if target == "onnx":
         return _standard_choice(decompose, hq, hkv)
     same_len = str(q.shape[2]) == str(k.shape[2])
@@ -112,6 +138,23 @@ def choose(node, site, target: str, decompose: bool) -> tuple[str, str]:
                  else "non-causal self-attention") + f", {hq} heads"
 
 
+def _banded_choice(node, site) -> str | None:
+    """The reason for `banded.banded` at a causal self-attention site with a static sink +
+    window mask, or None. Always chosen for such sites: S is dynamic, and the band was no
+    slower than the dense-mask path even at S = 2 (sink + W) (measurements in banded.py)."""
+    q, k = (a.meta["val"] for a in node.args[:2])
+    spec = parse_sparsity(node.kwargs.get("sparsity", ""))
+    causal = node.kwargs.get("is_causal", False) or (
+        site is not None and site.mask.startswith("causal") and not site.cross)
+    mask = node.args[3] if len(node.args) > 3 else None
+    mask_shape = None if mask is None else mask.meta["val"].shape
+    if not (causal and str(q.shape[2]) == str(k.shape[2]) and band.fits(spec)
+            and band.mask_fits(mask_shape, q.shape[1])):
+        return None
+    return (f"causal self-attention with {spec}: {band.BLOCK}-row query blocks each read "
+            f"sink + W - 1 + {band.BLOCK} = {band.keys_read(spec)} keys (no S x S mask)")
+
+
 def choose_cached(node, site, target: str, decompose: bool) -> tuple[str, str]:
     """A decoder site: causal self-attention of S new tokens over a cache of P."""
     del site
@@ -123,6 +166,23 @@ def choose_cached(node, site, target: str, decompose: bool) -> tuple[str, str]:
         return (DECOMPOSED if decompose else STANDARD), \
             "D != Dv: the contrib ops take one head size"
     return GQA, _gqa_reason("causal self-attention over the KV cache", hq, hkv, node.kwargs)
+
+
+def choose_bounded(node, site, target: str, decompose: bool) -> tuple[str, str]:
+    """A bounded decoder site (sink + window cache): standard Attention over Concat(past, new)
+    with a mask on positions, then eviction, for both targets."""
+    del site
+    q, k = (a.meta["val"] for a in node.args[:2])
+    hq, hkv, bound = q.shape[1], k.shape[1], node.kwargs["bound"]
+    gqa = f", GQA {hq}/{hkv} native" if hq != hkv else ""
+    if decompose:
+        return DECOMPOSED, f"asked for the decomposition; bounded cache ({bound} positions) " \
+                           "by Concat and Slice"
+    why = "" if target == "onnx" else (
+        "; not GroupQueryAttention: its local_window_size has no sinks and it takes the cache "
+        "to hold positions 0..L-1")
+    return STANDARD, f"standard ONNX Attention (opset 23) over Concat(past, new) with a mask " \
+                     f"on positions, bounded cache ({bound} positions) by Slice{gqa}{why}"
 
 
 def _standard_choice(decompose: bool, hq: int, hkv: int, cached: bool = False
@@ -154,8 +214,10 @@ def translations(plans: list[SitePlan]) -> dict[object, Callable]:
     """The custom_translation_table entries for both canonical ops; each consumes its
     ``plans`` in graph order."""
     queue = [p for p in plans if not p.cached]
-    cached_queue = [p for p in plans if p.cached]
-    impls = {STANDARD: standard, DECOMPOSED: decomposed, GQA: group_query, MHA: multi_head}
+    cached_queue = [p for p in plans if p.cached and p.bound is None]
+    bounded_queue = [p for p in plans if p.bound is not None]
+    impls = {STANDARD: standard, DECOMPOSED: decomposed, GQA: group_query, MHA: multi_head,
+             BANDED: band.banded}
     cached_impls = {STANDARD: standard_cached, DECOMPOSED: decomposed_cached,
                     GQA: group_query_cached}
 
@@ -178,7 +240,19 @@ def translations(plans: list[SitePlan]) -> dict[object, Callable]:
         impl = standard_concat if site.op == STANDARD and concat else cached_impls[site.op]
         return impl(q, k, v, past_key, past_value, scale=scale, spec=spec, softcap=softcap)
 
-    return {ATTENTION: rewriter_attention, CACHED: rewriter_cached_attention}
+    def rewriter_bounded_cached_attention(q, k, v, past_key, past_value, past_length, *,
+                                          scale: float, sparsity: str, bound: int,
+                                          softcap: float = 0.0):
+        if not bounded_queue:
+            raise RuntimeError("more rewriter::bounded_cached_attention nodes than planned "
+                               "sites")
+        site = bounded_queue.pop(0)
+        return bounded_cached(q, k, v, past_key, past_value, past_length, scale=scale,
+                              spec=MaskSpec.parse(sparsity), bound=bound, softcap=softcap,
+                              decompose=site.op == DECOMPOSED)
+
+    return {ATTENTION: rewriter_attention, CACHED: rewriter_cached_attention,
+            BOUNDED: rewriter_bounded_cached_attention}
 
 
 def keep_mask(spec: MaskSpec | TopKSpec, q, k, sk=None, kv_heads: int | None = None):
@@ -345,3 +419,45 @@ def group_query_cached(q, k, v, past_key, past_value, *, scale, spec: MaskSpec, 
     """com.microsoft.GroupQueryAttention with past_key/past_value (BNSH) over P + S keys."""
     return _group_query(q, k, v, past_key, past_value, _total_length(k, past_key), None,
                         scale=scale, spec=spec, softcap=softcap)
+
+
+# --- bounded decoder sites: rewriter::bounded_cached_attention ----------------------------
+
+def bounded_cached(q, k, v, past_key, past_value, past_length, *, scale, spec: MaskSpec,
+                   bound: int, softcap, decompose: bool = False):
+    """Attention of S new tokens over Concat(past, new) (L + S keys) with a bool mask on the
+    positions (rewriter.ir.ops.bounded_cached_attention: queries at P..P+S-1, entry j at j
+    below the sink, else P - L + j): causal and the MaskSpec; then the presents evicted to
+    ``bound`` entries."""
+    present_key, present_value = _concat_cache(k, v, past_key, past_value)
+    q_pos, k_pos = cache_positions(q, past_key, past_length, spec.sink)
+    causal = op.Unsqueeze(op.LessOrEqual(k_pos, q_pos), const([0, 1]))  # [1, 1, S, L+S]
+    keep = op.And(causal, keep_at(spec, q_pos, k_pos, q.shape[1]))  # [1, Hs, S, L+S]
+    if decompose:
+        y = decomposed(q, present_key, present_value, None, scale=scale, is_causal=False,
+                       spec=MaskSpec(), softcap=softcap, keep=keep, kv_heads=k.shape[1])
+    else:
+        y, *_ = op.Attention(q, present_key, present_value, keep, scale=scale, is_causal=0,
+                             softcap=softcap)
+    total = op.Add(dim(past_key, 2), dim(k, 2))
+    return (y, evict(present_key, total, spec.sink, bound),
+            evict(present_value, total, spec.sink, bound))
+
+
+def evict(cache, total, sink: int, bound: int):
+    """[B, H, T, D] -> [B, H, min(T, bound), D], T = ``total`` (scalar int64): the first
+    ``sink`` entries and the last ``bound - sink`` (rewriter.ir.ops.evict). As two Slices with
+    computed starts: head [0, min(sink, T)), tail [max(T - (bound - sink), min(sink, T)), T),
+    which is the whole while T <= bound."""
+    axes, one = const([2]), const([1])
+    tail_start = op.Sub(total, const(bound - sink))
+    if not sink:  # the tail alone
+        return op.Slice(cache, op.Reshape(op.Max(tail_start, const(0)), one), const([_END]),
+                        axes)
+    head_end = op.Min(const(sink), total)
+    head = op.Slice(cache, const([0]), op.Reshape(head_end, one), axes)
+    tail = op.Slice(cache, op.Reshape(op.Max(tail_start, head_end), one), const([_END]), axes)
+    return op.Concat(head, tail, axis=2)
+
+
+_END = np.iinfo(np.int64).max

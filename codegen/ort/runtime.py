@@ -15,7 +15,8 @@ __all__ = ["generate", "run", "session"]
 def generate(sess, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """Greedy decoding with a decoder exported with ``kv_cache=True``: the prompt [B, S]
     followed by ``max_new_tokens`` tokens. The cache starts empty ([B, Hkv, 0, D], shapes
-    read from the session's inputs) and each step feeds back the present tensors."""
+    read from the session's inputs) and each step feeds back the present tensors (and, for a
+    bounded decoder, past_length: 0, then present_length)."""
     inputs = sess.get_inputs()
     names = [i.name for i in inputs]
     if len(names) < 2 or names[0] != "input_ids" \
@@ -25,7 +26,8 @@ def generate(sess, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor
     outputs = [o.name for o in sess.get_outputs()]
     present = [outputs.index(n.replace("past_", "present_", 1)) for n in names[1:]]
     batch = input_ids.shape[0]
-    past = [np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=_numpy_dtype(i.type))
+    past = [np.zeros((), dtype=np.int64) if i.name == "past_length" else
+            np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=_numpy_dtype(i.type))
             for i in inputs[1:]]
     step = _numpy(input_ids).astype(np.int64)
     out = [step]

@@ -36,9 +36,10 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def compare_steps(sess, dec, ids: torch.Tensor, cuts: list[int]) -> None:
+def compare_steps(sess, dec, ids: torch.Tensor, cuts: list[int]) -> list[np.ndarray]:
     """Feed ``ids`` in chunks ending at ``cuts`` to ONNX Runtime and to the torch decoder,
-    each with its own cache; logits and presents agree at every step."""
+    each with its own cache; logits and presents (and present_length, for a bounded decoder)
+    agree at every step. Returns ONNX Runtime's last presents."""
     names = dec.input_names[1:]
     ort_past = [t.numpy() for t in dec.empty_cache(ids.shape[0])]
     torch_past = dec.empty_cache(ids.shape[0])
@@ -50,8 +51,10 @@ def compare_steps(sess, dec, ids: torch.Tensor, cuts: list[int]) -> None:
         want, torch_past = dec.step(chunk, torch_past)
         assert rel_err(logits, want) < TOL, f"logits at tokens {start}:{end}"
         for got, ref in zip(ort_past, torch_past, strict=True):
+            assert got.shape == tuple(ref.shape), f"present shape at tokens {start}:{end}"
             assert rel_err(got, ref) < TOL, f"present cache at tokens {start}:{end}"
         start = end
+    return ort_past
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +106,102 @@ def test_variant_decoders(llama, tmp_path, spec, target):
     sess = rwonnx.session(tmp_path / "v.onnx", threads=1)
     compare_steps(sess, dec, zoo._ids(2, 12, seed=3), [6, 7, 8, 9, 10, 11])
     compare_steps(sess, dec, zoo._ids(1, 12, seed=4), [5, 9])
+
+
+# --- bounded (sink + window) caches: past_length in, present_length out ----------------------
+
+@pytest.mark.parametrize("target, decompose", MODES, ids=MODE_IDS)
+def test_bounded_decoder_steps(llama, tmp_path, target, decompose):
+    """window=3, sink=1: the cache keeps 3 positions; 20 tokens fed as a short prefill (below
+    the bound), one-token steps, multi-token chunks past the bound, equal torch step by step."""
+    dec = build_decoder(rw.rewrite(llama[0], "sparse:window=3,sink=1"))
+    assert dec.bounded and {e.bound for e in dec.cache} == {3}
+    path = tmp_path / "b.onnx"
+    rows = export_decoder(dec, path, target, decompose=decompose)
+    assert all(r["bound"] == 3 and r["op"] == ("decomposed" if decompose else "Attention")
+               for r in rows)
+    doc = json.loads(manifest_path(path).read_text())
+    assert [c["bound"] for c in doc["cache"]] == [3] * len(dec.cache)
+    sess = rwonnx.session(path, threads=1)
+    assert [i.name for i in sess.get_inputs()] == dec.input_names
+    assert [o.name for o in sess.get_outputs()] == dec.output_names
+    assert sess.get_inputs()[-1].shape == [] and sess.get_inputs()[-1].type == "tensor(int64)"
+    past = compare_steps(sess, dec, zoo._ids(2, 20, seed=3),
+                         [2, 3, 4, 8, 9, 10, 11, 12, 16, 17, 18, 19])
+    assert [t.shape[2] for t in past[:-1]] == [3] * len(dec.cache) and int(past[-1]) == 20
+    compare_steps(sess, dec, zoo._ids(1, 20, seed=4), [7, 8, 13])  # prefill past the bound
+
+
+@pytest.mark.parametrize("target", ["onnx", "ort"])
+def test_bounded_split_site(llama, tmp_path, target):
+    """KV head 0's query heads (0, 1) windowed, KV head 1 full: each site is split into a
+    bounded op and a plain cached op, each with its own cache entry."""
+    prog = rw.rewrite(llama[0], "sparse:window=3,sink=1,heads=0;1")
+    dec = build_decoder(prog)
+    assert {e.bound for e in dec.cache} == {3, None}
+    path = tmp_path / "s.onnx"
+    rows = export_decoder(dec, path, target)
+    assert {r.get("bound") for r in rows} == {3, None}
+    sess = rwonnx.session(path, threads=1)
+    # ("ort": the full heads' GroupQueryAttention takes multi-token chunks at batch 1 only)
+    past = compare_steps(sess, dec, zoo._ids(2, 14, seed=3), [5, *range(6, 14)])
+    assert [t.shape[2] for t in past[:-1]] == [14 if e.bound is None else 3 for e in dec.cache]
+    compare_steps(sess, dec, zoo._ids(1, 16, seed=4), [2, 6, 7, 12])
+    prompt = zoo._ids(2, 4, seed=5)
+    assert torch.equal(rwonnx.generate(sess, prompt, 12), dec.generate(prompt, 12))
+
+
+class BoundedOp(torch.nn.Module):
+    def __init__(self, sparsity: str, bound: int):
+        super().__init__()
+        self.sparsity, self.bound = sparsity, bound
+
+    def forward(self, q, k, v, past_key, past_value, past_length):
+        return torch.ops.rewriter.bounded_cached_attention(
+            q, k, v, past_key, past_value, past_length, scale=0.4, sparsity=self.sparsity,
+            bound=self.bound, softcap=2.0)
+
+
+@pytest.mark.parametrize("target, decompose", MODES[:2], ids=MODE_IDS[:2])  # ort: the same ops
+@pytest.mark.parametrize("sparsity, bound", [("window=5,sink=2,heads=s/3/4/s", 6),
+                                             ("window=4,sink=1,dilation=2", 5)])
+def test_bounded_op_alone(tmp_path, target, decompose, sparsity, bound):
+    """The op by itself (per-head windows, dilation, softcap): chunks of 1 to 5 tokens from an
+    empty cache to well past the bound (L + S below the sink, at the bound, beyond it) give
+    the eager op's output and evicted presents."""
+    from torch.export import Dim
+
+    from rewriter.codegen.onnx.export import _to_onnx
+    from rewriter.codegen.onnx.translate import plan
+
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    module = BoundedOp(sparsity, bound)
+    args = (rand(1, 4, 2, 8), rand(1, 2, 2, 8), rand(1, 2, 2, 8), rand(1, 2, 3, 8),
+            rand(1, 2, 3, 8), torch.tensor(3))
+    seq, past = Dim("sequence"), Dim("past_sequence")
+    shapes = ({2: seq}, {2: seq}, {2: seq}, {2: past}, {2: past}, {})
+    graph = torch.export.export(module, args, dynamic_shapes=shapes).graph_module
+    plans = plan(graph, {}, target, decompose)
+    assert [p.bound for p in plans] == [bound]
+    path = tmp_path / "op.onnx"
+    path.write_bytes(_to_onnx(module, args, {}, shapes, plans).SerializeToString())
+    sess = rwonnx.session(path, threads=1)
+    names = [i.name for i in sess.get_inputs()]
+    cache = [torch.zeros(1, 2, 0, 8), torch.zeros(1, 2, 0, 8)]
+    length = 0
+    for new in [1, 1, 3, 1, 2, 5, 1, 1, 4, 1]:
+        step = (rand(1, 4, new, 8), rand(1, 2, new, 8), rand(1, 2, new, 8), *cache,
+                torch.tensor(length))
+        want = module(*step)
+        got = sess.run(None, {n: t.numpy() for n, t in zip(names, step, strict=True)})
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == tuple(w.shape) and rel_err(g, w) < TOL, f"at {length}+{new}"
+        cache, length = list(want[1:]), length + new
+    assert cache[0].shape[2] == bound
 
 
 def test_batch_one_capture(tmp_path):

@@ -1,0 +1,163 @@
+"""Banded ONNX export of causal sink + window masks (codegen/onnx/banded.py): ONNX Runtime
+(CPU) equals the torch program (fp32, relative 1e-5) for both targets, over lengths that are
+not a multiple of the query block, shorter than one block, and longer than the window; sink 0
+and > 0, GQA; and no attention tensor is S x S (the old path's keep-mask and scores are)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch.utils._pytree import tree_leaves
+
+import rewriter as rw
+from rewriter import onnx as rwonnx
+from rewriter.analysis.verify import compare_outputs
+from rewriter.codegen.onnx import banded, translate
+from rewriter.ir.masks import MaskSpec
+
+ort = pytest.importorskip("onnxruntime")
+zoo = pytest.importorskip("zoo")
+
+TOL = 1e-5
+TARGETS = ["onnx", "ort"]
+SMALL_BLOCK = 8  # query rows per block in most tests: several blocks at zoo lengths
+# (batch, seq) with 8-row blocks: not a multiple, under one block, a multiple, several blocks
+SHAPES = [(2, 13), (1, 5), (2, 16), (1, 37)]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return rw.capture(zoo.get("llama-sdpa").build(), (zoo._ids(2, 9),), {"use_cache": False})
+
+
+@pytest.fixture
+def small_block(monkeypatch):
+    monkeypatch.setattr(banded, "BLOCK", SMALL_BLOCK)
+
+
+def lm_inputs(batch: int, seq: int):
+    return (zoo._ids(batch, seq, seed=seq),), {"use_cache": False}
+
+
+def tensors(out) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def export_and_compare(prog: rw.Program, path, target: str, make_inputs=lm_inputs,
+                       shapes=SHAPES) -> list[dict]:
+    rows = rwonnx.export_onnx(prog, path, target)
+    onnx.checker.check_model(str(path))
+    sess = rwonnx.session(path, threads=1)
+    for batch, seq in shapes:
+        args, kwargs = make_inputs(batch, seq)
+        with torch.no_grad():
+            want = tensors(prog.module(*args, **kwargs))
+        report = compare_outputs(rwonnx.run(sess, *args, **kwargs), want, TOL)
+        assert report.ok, f"{target} (batch={batch}, seq={seq}): {report}"
+    return rows
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("spec", ["window=4,sink=2", "window=3,sink=1,dilation=2",
+                                  "window=20,sink=3", "window=4"])
+def test_llama_equals_program(llama, small_block, tmp_path, spec, target):
+    """GQA 4/2 with the model's own [B, 1, S, S] mask gathered onto the band; windows shorter
+    and longer than the block, sink 0 and > 0, dilation."""
+    prog = rw.rewrite(llama, f"sparse:{spec}")
+    rows = export_and_compare(prog, tmp_path / "m.onnx", target)
+    assert {r["op"] for r in rows} == {"banded"}
+    nk = banded.keys_read(MaskSpec.parse(spec))
+    assert all(f"{nk} keys" in r["reason"] for r in rows)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_default_block(llama, tmp_path, target):
+    """The default 64-row block: under one block, one block and a bit, several blocks."""
+    prog = rw.rewrite(llama, "sparse:window=8,sink=4")
+    export_and_compare(prog, tmp_path / "m.onnx", target, shapes=[(2, 9), (1, 70), (1, 150)])
+
+
+def test_mask_matters(llama, small_block, tmp_path):
+    """The comparison is not vacuous: the sparse program differs from the dense one."""
+    args, kwargs = lm_inputs(1, 37)
+    with torch.no_grad():
+        dense = tensors(llama.module(*args, **kwargs))[0]
+        sparse = tensors(rw.rewrite(llama, "sparse:window=4,sink=2").module(*args, **kwargs))[0]
+    assert (dense - sparse).abs().max() > 1e-3 * dense.abs().max()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_softcap_and_model_window(small_block, tmp_path, target):
+    """gemma2: softcap, and a sliding-window layer whose model mask (window 4) is narrower
+    than the sparsity's: the gathered model mask keeps it exact."""
+    entry = zoo.get("gemma2-eager")
+    prog = rw.capture(entry.build(), (zoo._ids(2, 9),), {"use_cache": False})
+    rows = export_and_compare(rw.rewrite(prog, "sparse:window=6,sink=1"), tmp_path / "m.onnx",
+                              target)
+    assert {r["op"] for r in rows} == {"banded"}
+
+
+def _causal_program():
+    entry = zoo.get("sdpa-causal")  # F.sdpa(is_causal=True): no mask tensor at all, MHA
+    args, kwargs = entry.inputs(2, 9)
+    return rw.rewrite(rw.capture(entry.build(), args, kwargs), "sparse:window=5,sink=2"), \
+        entry.inputs
+
+
+def _wide_values(path, feed: dict, seq: int) -> list[str]:
+    """Names of the values (every node output) with two or more axes of at least ``seq``,
+    after running ``path`` on ``feed``."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    typed = {v.name: v for v in model.graph.value_info if v.type.tensor_type.elem_type}
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(v for name, v in typed.items() if name not in known)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    outs = sess.run(None, feed)
+    return [n for n, o in zip(names, outs, strict=True)
+            if sum(d >= seq for d in np.shape(o)) >= 2]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_no_square_tensor(tmp_path, monkeypatch, target):
+    """is_causal attention with no model mask: the banded graph holds no [.., S, .., S] value
+    (the old dense-mask path does); every other value is O(S * Nk)."""
+    prog, make_inputs = _causal_program()
+    seq = 150  # 3 blocks of 64, Nk = 2 + 4 + 64 = 70 < S
+    args, _ = make_inputs(1, seq)
+    rows = rwonnx.export_onnx(prog, tmp_path / "b.onnx", target)
+    assert {r["op"] for r in rows} == {"banded"}
+    feed = {onnx.load(str(tmp_path / "b.onnx")).graph.input[0].name: args[0].numpy()}
+    assert _wide_values(tmp_path / "b.onnx", feed, seq) == []
+    if target == "onnx":  # the old path: a dense keep-mask per site
+        monkeypatch.setattr(translate, "_banded_choice", lambda *a: None)
+        rwonnx.export_onnx(prog, tmp_path / "d.onnx", target)
+        assert _wide_values(tmp_path / "d.onnx", feed, seq)
+    export_and_compare(prog, tmp_path / "c.onnx", target, make_inputs,
+                       shapes=[(2, 9), (1, seq), (2, 5)])
+
+
+def test_model_mask_only_square(llama, tmp_path):
+    """With the model's own causal mask, the banded graph's S x S values are the model's mask
+    alone: as many as in the dense model's export (the old path adds its keep-masks)."""
+    seq = 150
+    rwonnx.export_onnx(llama, tmp_path / "dense.onnx", "onnx")
+    rows = rwonnx.export_onnx(rw.rewrite(llama, "sparse:window=8,sink=4"), tmp_path / "b.onnx",
+                              "onnx")
+    assert {r["op"] for r in rows} == {"banded"}
+    feed = {onnx.load(str(tmp_path / "b.onnx")).graph.input[0].name:
+            lm_inputs(1, seq)[0][0].numpy()}
+    assert len(_wide_values(tmp_path / "b.onnx", feed, seq)) == \
+        len(_wide_values(tmp_path / "dense.onnx", feed, seq))
+
+
+def test_decompose_keeps_decomposed(llama, tmp_path):
+    """decompose=True asks for the plain MatMul/Softmax decomposition: it is kept."""
+    rows = rwonnx.export_onnx(rw.rewrite(llama, "sparse:window=4,sink=2"), tmp_path / "m.onnx",
+                              "onnx", decompose=True)
+    assert {r["op"] for r in rows} == {"decomposed"}
