@@ -4,6 +4,7 @@ on CPU: prefill and one decode step at long contexts (issue #14).
     .venv/bin/python benchmarks/variant_speed.py [--variants dense,gqa,window,auto,share-kv,prune]
         [--lengths 2048,8192] [--pasts 1024,4096,16384] [--backends torch,onnxruntime]
         [--targets ort] [--repeats 3] [--decode-steps 3] [--threads 2] [--no-memory]
+        [--memory-max-len N]
         [--out benchmarks/results/variant_speed.json]
     # quick: --lengths 256 --pasts 64,128 --variants dense,gqa --repeats 1
 
@@ -373,7 +374,7 @@ def run_point(cands: dict, backend: str, target: str | None, mode: str, n: int, 
                "mode": mode, "seq_len" if mode == "prefill" else "past": n,
                "ms": round(1e3 * s, 3), "tokens_per_s": round((n if mode == "prefill" else 1) / s,
                                                               2), **extra[name]}
-        if not opts.no_memory:
+        if not opts.no_memory and (mode == "decode" or n <= opts.memory_max_len):
             jobs[name]["threads"] = opts.threads
             row.update(measure_memory(jobs[name], tmp))
         rows.append(row)
@@ -518,6 +519,8 @@ def main() -> None:
     parser.add_argument("--calib-len", type=int, default=1024)
     parser.add_argument("--calib-batches", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--memory-max-len", type=int, default=1 << 30,
+                        help="no peak-RSS subprocess for prefills longer than this")
     parser.add_argument("--out", default="benchmarks/results/variant_speed.json")
     opts = parser.parse_args()
     names = [v for v in opts.variants.split(",") if v]
