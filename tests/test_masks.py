@@ -137,3 +137,14 @@ def test_mixed_head_table_runs_per_part_and_matches_reference(causal, mask):
     want = reference_attention(q, k, v, attn_mask, scale=0.25, is_causal=causal,
                                sparsity=sparsity)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_kv_head_parts_by_window():
+    spec = MaskSpec.parse("window=64,sink=4,heads=s/s/f/f/32/32/s/s")
+    parts = spec.kv_head_parts(8, 4, by_window=True)
+    assert [(p[1], p[2].format()) for p in parts] == [
+        ([0, 3], "window=64,sink=4"), ([1], ""), ([2], "window=32,sink=4")]
+    assert [p[1] for p in spec.kv_head_parts(8, 4)] == [[0, 2, 3], [1]]
+    assert MaskSpec.parse("window=64,heads=s/32/f/f").kv_head_parts(4, 2, by_window=True) \
+        is None  # KV head 0 reads two windows
+    assert MaskSpec.parse("window=64").kv_head_parts(4, 2) is None

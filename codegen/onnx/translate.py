@@ -34,6 +34,7 @@ hold positions 0..L-1.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,6 +68,7 @@ CACHED = torch.ops.rewriter.cached_attention.default
 BOUNDED = torch.ops.rewriter.bounded_cached_attention.default
 STANDARD, DECOMPOSED, GQA, MHA = "Attention", "decomposed", "GroupQueryAttention", \
     "MultiHeadAttention"
+SPLIT_GQA, SPLIT_STANDARD = "split: GroupQueryAttention + banded", "split: Attention + banded"
 BANDED = "banded"  # codegen/onnx/banded.py: standard ops, O(S * (sink + W + Bq)) work
 
 
@@ -83,7 +85,7 @@ class SitePlan:
     bound: int | None = None  # a bounded (sink + window) cache site: the positions it keeps
 
     def to_dict(self) -> dict:
-        domain = "com.microsoft" if self.op in (GQA, MHA) else ""
+        domain = "com.microsoft" if self.op in (GQA, MHA, SPLIT_GQA) else ""
         row = {"site": self.site, "node": self.node, "op": self.op, "domain": domain,
                "reason": self.reason}
         if self.bound is not None:
@@ -118,6 +120,9 @@ def choose(node, site, target: str, decompose: bool) -> tuple[str, str]:
     banded = None if decompose else _banded_choice(node, site)
     if banded is not None:
         return BANDED, banded
+    split = None if decompose else _split_choice(node, site, target)
+    if split is not None:
+        return split
     if target == "onnx":
         return _standard_choice(decompose, hq, hkv)
     same_len = str(q.shape[2]) == str(k.shape[2])
@@ -136,6 +141,56 @@ def choose(node, site, target: str, decompose: bool) -> tuple[str, str]:
                          "self-attention"
     return MHA, ("cross attention" if not same_len or (site is not None and site.cross)
                  else "non-causal self-attention") + f", {hq} heads"
+
+
+def _split_choice(node, site, target: str) -> tuple[str, str] | None:
+    """A causal self-attention site whose per-head table gives whole KV heads one window each
+    (sparse:heads=auto): one op per part, full parts on the target's causal op and windowed
+    parts banded, instead of every head paying for a dense S x S bias."""
+    q, k, v = (a.meta["val"] for a in node.args[:3])
+    spec = parse_sparsity(node.kwargs.get("sparsity", ""))
+    causal = node.kwargs.get("is_causal", False) or (
+        site is not None and site.mask.startswith("causal") and not site.cross)
+    mask = node.args[3] if len(node.args) > 3 else None
+    mask_shape = None if mask is None else mask.meta["val"].shape
+    if not (isinstance(spec, MaskSpec) and causal and str(q.shape[2]) == str(k.shape[2])
+            and band.mask_fits(mask_shape, 1)):
+        return None
+    parts = spec.kv_head_parts(q.shape[1], k.shape[1], by_window=True)
+    if parts is None or not all(m.is_dense or band.fits(m) for _, _, m in parts):
+        return None
+    full = GQA if target == "ort" and q.shape[-1] == v.shape[-1] else STANDARD
+    op_name = SPLIT_GQA if full == GQA else SPLIT_STANDARD
+    return op_name, (f"causal self-attention with a per-KV-head table: {len(parts)} parts ("
+                     + ", ".join(f"{len(kv)} KV heads {m}" for _, kv, m in parts)
+                     + f"), full ones on {full}, windowed ones banded")
+
+
+def split_heads(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap,
+                full_op: Callable):
+    """One op per part of whole KV heads (MaskSpec.kv_head_parts), heads taken by Gather on
+    axis 1, outputs concatenated and put back in query-head order."""
+    outs, order = [], []
+    for q_heads, kv_heads, part in spec.kv_head_parts(q.shape[1], k.shape[1], by_window=True):
+        qq = _take_heads(q, q_heads)
+        kk, vv = (_take_heads(x, kv_heads) for x in (k, v))
+        impl = full_op if part.is_dense else band.banded
+        outs.append(impl(qq, kk, vv, attn_mask, scale=scale, is_causal=is_causal, spec=part,
+                         softcap=softcap))
+        order += q_heads
+    y = op.Concat(*outs, axis=1)
+    if order != sorted(order):
+        y = op.Gather(y, const(sorted(range(len(order)), key=order.__getitem__)), axis=1)
+    return y
+
+
+def _take_heads(x, heads: list[int]):
+    """x[:, heads] by Gather, with its shape set (the ops after it read head counts)."""
+    y = op.Gather(x, const(heads), axis=1)
+    dims = list(x.shape)
+    dims[1] = len(heads)
+    y.shape = ir.Shape(dims)
+    return y
 
 
 def _banded_choice(node, site) -> str | None:
@@ -217,7 +272,9 @@ def translations(plans: list[SitePlan]) -> dict[object, Callable]:
     cached_queue = [p for p in plans if p.cached and p.bound is None]
     bounded_queue = [p for p in plans if p.bound is not None]
     impls = {STANDARD: standard, DECOMPOSED: decomposed, GQA: group_query, MHA: multi_head,
-             BANDED: band.banded}
+             BANDED: band.banded,
+             SPLIT_GQA: functools.partial(split_heads, full_op=group_query),
+             SPLIT_STANDARD: functools.partial(split_heads, full_op=standard)}
     cached_impls = {STANDARD: standard_cached, DECOMPOSED: decomposed_cached,
                     GQA: group_query_cached}
 

@@ -190,29 +190,14 @@ def attention(
 
 
 def _head_parts(sparsity: str, hq: int, hkv: int) -> list[tuple[list, list, str]] | None:
-    """A per-head table mixing full and windowed heads, as (query heads, KV heads, the part's
-    mask) per group of whole KV heads with one kind: full heads then run SDPA's causal kernel
-    and windowed ones the block-sparse path, instead of all heads paying for a masked dense
-    call. None when there is nothing to split (or a KV head mixes kinds)."""
+    """A per-head table of whole KV heads (sparse:heads=auto's output) as parts with one
+    window each (MaskSpec.kv_head_parts): full heads then run SDPA's causal kernel and
+    windowed ones the block-sparse path, instead of all heads paying for a masked dense call.
+    None when there is nothing to split."""
     if is_topk(sparsity):
         return None
-    spec = MaskSpec.parse(sparsity)
-    if spec.heads is None or spec.neighborhood is not None:
-        return None
-    windows, group = spec.window_list(hq), hq // hkv
-    kinds: dict[bool, list[int]] = {}
-    for g in range(hkv):
-        members = {windows[h] == 0 for h in range(g * group, (g + 1) * group)}
-        if len(members) > 1:
-            return None
-        kinds.setdefault(members.pop(), []).append(g)
-    if len(kinds) < 2:
-        return None
-    parts = []
-    for kv_heads in kinds.values():
-        q_heads = [g * group + j for g in kv_heads for j in range(group)]
-        parts.append((q_heads, kv_heads, spec.select_heads(q_heads, hq).format()))
-    return parts
+    parts = MaskSpec.parse(sparsity).kv_head_parts(hq, hkv)
+    return None if parts is None else [(qh, kvh, m.format()) for qh, kvh, m in parts]
 
 
 @attention.register_fake
@@ -309,14 +294,19 @@ def bounded_cached_attention(
     spec = MaskSpec.parse(sparsity)
     keys, values = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
     past, cached, new = int(past_length), past_key.shape[2], q.shape[2]
-    if cached == past:  # nothing evicted: positions 0..P+S-1, the plain cached op's case
+    heads = q.shape[1]
+    if new == 1 and bound == spec.cache_bound(heads) and spec.dilation == 1 \
+            and len(set(spec.window_list(heads))) == 1:
+        # one query over a cache kept at exactly sink + W - 1: every key is in its window
+        out = attention(q, keys, values, scale=scale, softcap=softcap)
+    elif cached == past:  # nothing evicted: positions 0..P+S-1, the plain cached op's case
         out = _attend_cache(q, keys, values, scale=scale, sparsity=sparsity, softcap=softcap)
     else:
         pos_q = torch.arange(past, past + new, device=q.device)
         sink = min(spec.sink, cached)
         pos_k = torch.cat([torch.arange(sink, device=q.device),
                            torch.arange(past - cached + sink, past + new, device=q.device)])
-        keep = spec.keep_at(pos_q, pos_k, q.shape[1]) & (pos_k.view(1, -1) <= pos_q.view(-1, 1))
+        keep = spec.keep_at(pos_q, pos_k, heads) & (pos_k.view(1, -1) <= pos_q.view(-1, 1))
         out = attention(q, keys, values, keep.unsqueeze(0), scale=scale, softcap=softcap)
     return out, evict(keys, spec.sink, bound), evict(values, spec.sink, bound)
 

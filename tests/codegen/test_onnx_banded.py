@@ -161,3 +161,19 @@ def test_decompose_keeps_decomposed(llama, tmp_path):
     rows = rwonnx.export_onnx(rw.rewrite(llama, "sparse:window=4,sink=2"), tmp_path / "m.onnx",
                               "onnx", decompose=True)
     assert {r["op"] for r in rows} == {"decomposed"}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name, spec, parts", [
+    ("llama-sdpa", "window=3,sink=1,heads=0;1", 2),  # KV head 0 windowed, KV head 1 full
+    ("gpt2-eager", "window=4,sink=1,heads=0;2", 2),  # MHA: heads 0, 2 | 1, 3, put back
+])
+def test_per_kv_head_table_is_split(small_block, tmp_path, name, spec, parts, target):
+    """A per-KV-head table (sparse:heads=auto's output) runs one op per part: full KV heads on
+    the target's causal op, windowed ones banded; equal to the program."""
+    prog = rw.rewrite(rw.capture(zoo.get(name).build(), (zoo._ids(2, 9),),
+                                 {"use_cache": False}), f"sparse:{spec}")
+    rows = export_and_compare(prog, tmp_path / "m.onnx", target)
+    assert {r["op"] for r in rows} == {translate.SPLIT_GQA if target == "ort"
+                                       else translate.SPLIT_STANDARD}
+    assert all(f"{parts} parts" in r["reason"] for r in rows)
