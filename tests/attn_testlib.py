@@ -31,6 +31,38 @@ def noise_tolerance(module, args: tuple, kwargs: dict | None, floor: float) -> f
 
     return max(floor, NOISE_FACTOR * rounding_noise(module, args, kwargs))
 
+
+def output_tensors(out) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def onnx_equals_program(prog: rw.Program, path, target: str, make_inputs, shapes, tol: float,
+                        noise_floor: bool = False, **options) -> list[dict]:
+    """Export `prog` to `path`, run onnx.checker, and hold ONNX Runtime (CPU) to
+    prog.module at every (batch, seq) in `shapes` within `tol` (relative); ``noise_floor``:
+    within the program's measured fp32 noise where that is larger (real models). Returns the
+    export's site rows."""
+    import onnx
+
+    from rewriter import onnx as rwonnx
+    from rewriter.analysis.verify import compare_outputs
+
+    rows = rwonnx.export_onnx(prog, path, target, **options)
+    onnx.checker.check_model(str(path))
+    sess = rwonnx.session(path, threads=1)
+    for batch, seq in shapes:
+        args, kwargs = make_inputs(batch, seq)
+        with torch.no_grad():
+            want = output_tensors(prog.module(*args, **kwargs))
+        got = rwonnx.run(sess, *args, **kwargs)
+        tolerance = noise_tolerance(prog.module, args, kwargs, tol) if noise_floor else tol
+        report = compare_outputs(got, want, tolerance)
+        assert report.ok, f"{target} (batch={batch}, seq={seq}): {report}"
+    return rows
+
+
 # Tiny dims for hand-written modules: E == H * D.
 E, H, HKV, D = 16, 4, 2, 4
 # (batch, seq): the capture shape first, then other lengths and batches.

@@ -126,8 +126,7 @@ def choose(node, site, target: str, decompose: bool) -> tuple[str, str]:
     if target == "onnx":
         return _standard_choice(decompose, hq, hkv)
     same_len = str(q.shape[2]) == str(k.shape[2])
-    causal = attrs.get("is_causal", False) or (
-        site is not None and site.mask.startswith("causal") and not site.cross)
+    causal = _causal(node, site)
     fallback = STANDARD if not decompose else DECOMPOSED
     if q.shape[-1] != v.shape[-1]:
         return fallback, "D != Dv: the contrib ops take one head size"
@@ -143,18 +142,28 @@ def choose(node, site, target: str, decompose: bool) -> tuple[str, str]:
                  else "non-causal self-attention") + f", {hq} heads"
 
 
+def _causal_self(node, site, mask_heads) -> bool:
+    """Causal self-attention (Sq == Sk, is_causal or a causal site mask) whose mask argument,
+    if any, broadcasts over `mask_heads` heads: the sites the band and the split can take."""
+    q, k = (a.meta["val"] for a in node.args[:2])
+    mask = node.args[3] if len(node.args) > 3 else None
+    mask_shape = None if mask is None else mask.meta["val"].shape
+    return (_causal(node, site) and str(q.shape[2]) == str(k.shape[2])
+            and band.mask_fits(mask_shape, mask_heads))
+
+
+def _causal(node, site) -> bool:
+    return bool(node.kwargs.get("is_causal", False)) or (
+        site is not None and site.mask.startswith("causal") and not site.cross)
+
+
 def _split_choice(node, site, target: str) -> tuple[str, str] | None:
     """A causal self-attention site whose per-head table gives whole KV heads one window each
     (sparse:heads=auto): one op per part, full parts on the target's causal op and windowed
     parts banded, instead of every head paying for a dense S x S bias."""
     q, k, v = (a.meta["val"] for a in node.args[:3])
     spec = parse_sparsity(node.kwargs.get("sparsity", ""))
-    causal = node.kwargs.get("is_causal", False) or (
-        site is not None and site.mask.startswith("causal") and not site.cross)
-    mask = node.args[3] if len(node.args) > 3 else None
-    mask_shape = None if mask is None else mask.meta["val"].shape
-    if not (isinstance(spec, MaskSpec) and causal and str(q.shape[2]) == str(k.shape[2])
-            and band.mask_fits(mask_shape, 1)):
+    if not (isinstance(spec, MaskSpec) and _causal_self(node, site, 1)):
         return None
     parts = spec.kv_head_parts(q.shape[1], k.shape[1], by_window=True)
     if parts is None or not all(m.is_dense or band.fits(m) for _, _, m in parts):
@@ -197,14 +206,8 @@ def _banded_choice(node, site) -> str | None:
     """The reason for `banded.banded` at a causal self-attention site with a static sink +
     window mask, or None. Always chosen for such sites: S is dynamic, and the band was no
     slower than the dense-mask path even at S = 2 (sink + W) (measurements in banded.py)."""
-    q, k = (a.meta["val"] for a in node.args[:2])
     spec = parse_sparsity(node.kwargs.get("sparsity", ""))
-    causal = node.kwargs.get("is_causal", False) or (
-        site is not None and site.mask.startswith("causal") and not site.cross)
-    mask = node.args[3] if len(node.args) > 3 else None
-    mask_shape = None if mask is None else mask.meta["val"].shape
-    if not (causal and str(q.shape[2]) == str(k.shape[2]) and band.fits(spec)
-            and band.mask_fits(mask_shape, q.shape[1])):
+    if not (band.fits(spec) and _causal_self(node, site, node.args[0].meta["val"].shape[1])):
         return None
     return (f"causal self-attention with {spec}: {band.BLOCK}-row query blocks each read "
             f"sink + W - 1 + {band.BLOCK} = {band.keys_read(spec)} keys (no S x S mask)")

@@ -42,6 +42,7 @@ Shape glossary: H query heads, Sq queries, Sk keys, Tq x Tk a tile.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -105,6 +106,7 @@ class MaskSpec:
     # --- text form ------------------------------------------------------------------------
 
     @classmethod
+    @functools.lru_cache(maxsize=256)  # eager ops parse their spec attribute on every call
     def parse(cls, text: str) -> MaskSpec:
         if not text:
             return cls()

@@ -7,13 +7,10 @@ import json
 
 import onnx
 import pytest
-import torch
-from attn_testlib import noise_tolerance
-from torch.utils._pytree import tree_leaves
+from attn_testlib import onnx_equals_program
 
 import rewriter as rw
 from rewriter import onnx as rwonnx
-from rewriter.analysis.verify import compare_outputs
 
 pytest.importorskip("onnxruntime")
 zoo = pytest.importorskip("zoo")
@@ -28,25 +25,10 @@ VARIANTS = ["sparse:window=3,sink=1", "sparse:window=4,heads=0;2", "share-kv:gro
             "sparse:topk=2,block=3,local=1,estimate=channels:2"]
 
 
-def tensors(out) -> list[torch.Tensor]:
-    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
 def export_and_compare(prog: rw.Program, path, target: str, make_inputs, shapes=SHAPES,
                        noise_floor: bool = False, **options) -> list[dict]:
-    """``noise_floor``: hold each shape to the program's measured fp32 noise (real models)."""
-    rows = rwonnx.export_onnx(prog, path, target, **options)
-    onnx.checker.check_model(str(path))
-    sess = rwonnx.session(path, threads=1)
-    for batch, seq in shapes:
-        args, kwargs = make_inputs(batch, seq)
-        with torch.no_grad():
-            want = tensors(prog.module(*args, **kwargs))
-        got = rwonnx.run(sess, *args, **kwargs)
-        tolerance = noise_tolerance(prog.module, args, kwargs, TOL) if noise_floor else TOL
-        report = compare_outputs(got, want, tolerance)
-        assert report.ok, f"{target} (batch={batch}, seq={seq}): {report}"
-    return rows
+    return onnx_equals_program(prog, path, target, make_inputs, shapes, TOL, noise_floor,
+                               **options)
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from torch.utils._pytree import tree_leaves
+from attn_testlib import onnx_equals_program, output_tensors
 
 import rewriter as rw
 from rewriter import onnx as rwonnx
-from rewriter.analysis.verify import compare_outputs
 from rewriter.codegen.onnx import banded, translate
 from rewriter.ir.masks import MaskSpec
 
@@ -41,22 +40,9 @@ def lm_inputs(batch: int, seq: int):
     return (zoo._ids(batch, seq, seed=seq),), {"use_cache": False}
 
 
-def tensors(out) -> list[torch.Tensor]:
-    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
 def export_and_compare(prog: rw.Program, path, target: str, make_inputs=lm_inputs,
                        shapes=SHAPES) -> list[dict]:
-    rows = rwonnx.export_onnx(prog, path, target)
-    onnx.checker.check_model(str(path))
-    sess = rwonnx.session(path, threads=1)
-    for batch, seq in shapes:
-        args, kwargs = make_inputs(batch, seq)
-        with torch.no_grad():
-            want = tensors(prog.module(*args, **kwargs))
-        report = compare_outputs(rwonnx.run(sess, *args, **kwargs), want, TOL)
-        assert report.ok, f"{target} (batch={batch}, seq={seq}): {report}"
-    return rows
+    return onnx_equals_program(prog, path, target, make_inputs, shapes, TOL)
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -83,8 +69,9 @@ def test_mask_matters(llama, small_block, tmp_path):
     """The comparison is not vacuous: the sparse program differs from the dense one."""
     args, kwargs = lm_inputs(1, 37)
     with torch.no_grad():
-        dense = tensors(llama.module(*args, **kwargs))[0]
-        sparse = tensors(rw.rewrite(llama, "sparse:window=4,sink=2").module(*args, **kwargs))[0]
+        dense = output_tensors(llama.module(*args, **kwargs))[0]
+        windowed = rw.rewrite(llama, "sparse:window=4,sink=2")
+        sparse = output_tensors(windowed.module(*args, **kwargs))[0]
     assert (dense - sparse).abs().max() > 1e-3 * dense.abs().max()
 
 
