@@ -139,12 +139,11 @@ def test_mixed_head_table_runs_per_part_and_matches_reference(causal, mask):
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
 
 
-def test_kv_head_parts_by_window():
+def test_kv_head_parts():
     spec = MaskSpec.parse("window=64,sink=4,heads=s/s/f/f/32/32/s/s")
-    parts = spec.kv_head_parts(8, 4, by_window=True)
+    parts = spec.kv_head_parts(8, 4)
     assert [(p[1], p[2].format()) for p in parts] == [
-        ([0, 3], "window=64,sink=4"), ([1], ""), ([2], "window=32,sink=4")]
-    assert [p[1] for p in spec.kv_head_parts(8, 4)] == [[0, 2, 3], [1]]
-    assert MaskSpec.parse("window=64,heads=s/32/f/f").kv_head_parts(4, 2, by_window=True) \
-        is None  # KV head 0 reads two windows
+        ([0, 2, 3], "window=64,sink=4,heads=s/s/32/32/s/s"), ([1], "")]
+    assert MaskSpec.parse("window=64,heads=s/f/f/f").kv_head_parts(4, 2) \
+        is None  # KV head 0 has a windowed and a full query head
     assert MaskSpec.parse("window=64").kv_head_parts(4, 2) is None

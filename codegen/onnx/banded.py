@@ -37,15 +37,16 @@ from rewriter.ir.masks import MaskSpec
 BLOCK = 64
 
 
-def fits(spec) -> bool:
-    """Whether ``spec`` is a static sink + window mask with one window for every head."""
-    return isinstance(spec, MaskSpec) and spec.window is not None and spec.heads is None \
-        and spec.neighborhood is None
+def fits(spec, num_heads: int) -> bool:
+    """Whether ``spec`` is a static sink + window mask with a window for every head (one for
+    all, or per head from a table without full heads)."""
+    return isinstance(spec, MaskSpec) and spec.window is not None \
+        and spec.neighborhood is None and min(spec.window_list(num_heads)) > 0
 
 
-def keys_read(spec: MaskSpec, block: int | None = None) -> int:
-    """Nk: the key slots one query block reads."""
-    return spec.sink + spec.window - 1 + (block or BLOCK)
+def keys_read(spec: MaskSpec, num_heads: int, block: int | None = None) -> int:
+    """Nk: the key slots one query block reads (W: the widest head's window)."""
+    return spec.sink + max(spec.window_list(num_heads)) - 1 + (block or BLOCK)
 
 
 def mask_fits(mask_shape, hq: int) -> bool:
@@ -64,13 +65,14 @@ def banded(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap,
     del is_causal  # the plan checked the site is causal; the band applies causality itself
     hq, hkv = q.shape[1], k.shape[1]
     block = block or BLOCK
-    nk = keys_read(spec, block)
+    nk = keys_read(spec, hq, block)
     s_len = dim(q, 2)  # scalar int64 S
     nb = op.Div(op.Add(s_len, const(block - 1)), const(block))  # ceil(S / Bq)
     pad = op.Sub(op.Mul(nb, const(block)), s_len)  # Sp - S
     slot, key_pos, q_pos = _positions(spec, nb, block, nk)
     index = op.Min(op.Max(key_pos, const(0)), op.Sub(s_len, const(1)))  # [nb, Nk], in range
-    keep = _keep(spec, slot, op.Unsqueeze(key_pos, const([1])), q_pos)  # [nb, Bq, Nk]
+    # [nb, Bq, Nk], or [Hkv, G|1, nb, Bq, Nk] with per-head windows
+    keep = _keep(spec, slot, op.Unsqueeze(key_pos, const([1])), q_pos, hq, hkv)
 
     # q [B, Hq, S, D] -> [B, Hkv, G, nb, Bq, D], scaled (Sp*D multiplies, not Sp*Nk)
     qs = op.Mul(q, op.CastLike(const(scale, np.float32), q))
@@ -105,19 +107,21 @@ def _positions(spec: MaskSpec, nb, block: int, nk: int):
     one = const(1)
     starts = op.Unsqueeze(op.Mul(op.Range(const(0), nb, one), const(block)), const([1]))
     slot = op.Unsqueeze(op.Range(const(0), const(nk), one), const([0]))  # [1, Nk]
-    key_pos = op.Add(starts, op.Sub(slot, const(spec.sink + spec.window - 1)))
+    key_pos = op.Add(starts, op.Sub(slot, const(nk - block)))  # nk - Bq = sink + W - 1
     if spec.sink:
         key_pos = op.Where(op.Less(slot, const(spec.sink)), slot, key_pos)
     rows = op.Unsqueeze(op.Range(const(0), const(block), one), const([0, 2]))  # [1, Bq, 1]
     return slot, key_pos, op.Add(op.Unsqueeze(starts, const([2])), rows)
 
 
-def _keep(spec: MaskSpec, slot, key_pos, q_pos):
+def _keep(spec: MaskSpec, slot, key_pos, q_pos, hq: int, hkv: int):
     """[nb, Bq, Nk] bool: causal, and inside the window (on the dilation) or a sink slot.
-    Band slots below the sink (or below 0) are dropped: those keys are sink slots already."""
+    Band slots below the sink (or below 0) are dropped: those keys are sink slots already.
+    With per-head windows: [Hkv, G, nb, Bq, Nk] (G -> 1 when a KV head's query heads share
+    their window), to broadcast against the scores [B, Hkv, G, nb, Bq, Nk]."""
     dist = op.Sub(q_pos, key_pos)  # [nb, Bq, Nk]
     causal = op.GreaterOrEqual(dist, const(0))
-    near = op.And(causal, op.Less(dist, const(spec.window)))
+    near = op.And(causal, op.Less(dist, _windows(spec, hq, hkv)))
     if spec.dilation > 1:
         near = op.And(near, op.Equal(op.Mod(dist, const(spec.dilation)), const(0)))
     near = op.And(near, op.GreaterOrEqual(key_pos, const(spec.sink)))
@@ -125,6 +129,17 @@ def _keep(spec: MaskSpec, slot, key_pos, q_pos):
         return near
     return op.Or(near, op.And(causal, op.Unsqueeze(op.Less(slot, const(spec.sink)),
                                                    const([0]))))
+
+
+def _windows(spec: MaskSpec, hq: int, hkv: int):
+    """The window as a constant: a scalar, or [Hkv, G|1, 1, 1, 1] per head."""
+    windows = spec.window_list(hq)
+    if len(set(windows)) == 1:
+        return const(windows[0])
+    table = np.array(windows, dtype=np.int64).reshape(hkv, hq // hkv)
+    if (table == table[:, :1]).all():
+        table = table[:, :1]
+    return const(table.reshape(*table.shape, 1, 1, 1))
 
 
 def _bias(attn_mask, keep, index, rows, s_len, hq: int, hkv: int, like):

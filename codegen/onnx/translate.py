@@ -165,8 +165,8 @@ def _split_choice(node, site, target: str) -> tuple[str, str] | None:
     spec = parse_sparsity(node.kwargs.get("sparsity", ""))
     if not (isinstance(spec, MaskSpec) and _causal_self(node, site, 1)):
         return None
-    parts = spec.kv_head_parts(q.shape[1], k.shape[1], by_window=True)
-    if parts is None or not all(m.is_dense or band.fits(m) for _, _, m in parts):
+    parts = spec.kv_head_parts(q.shape[1], k.shape[1])
+    if parts is None or not all(m.is_dense or band.fits(m, len(qh)) for qh, _, m in parts):
         return None
     full = GQA if target == "ort" and q.shape[-1] == v.shape[-1] else STANDARD
     op_name = SPLIT_GQA if full == GQA else SPLIT_STANDARD
@@ -180,7 +180,7 @@ def split_heads(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap
     """One op per part of whole KV heads (MaskSpec.kv_head_parts), heads taken by Gather on
     axis 1, outputs concatenated and put back in query-head order."""
     outs, order = [], []
-    for q_heads, kv_heads, part in spec.kv_head_parts(q.shape[1], k.shape[1], by_window=True):
+    for q_heads, kv_heads, part in spec.kv_head_parts(q.shape[1], k.shape[1]):
         qq = _take_heads(q, q_heads)
         kk, vv = (_take_heads(x, kv_heads) for x in (k, v))
         impl = full_op if part.is_dense else band.banded
@@ -207,10 +207,11 @@ def _banded_choice(node, site) -> str | None:
     window mask, or None. Always chosen for such sites: S is dynamic, and the band was no
     slower than the dense-mask path even at S = 2 (sink + W) (measurements in banded.py)."""
     spec = parse_sparsity(node.kwargs.get("sparsity", ""))
-    if not (band.fits(spec) and _causal_self(node, site, node.args[0].meta["val"].shape[1])):
+    hq = node.args[0].meta["val"].shape[1]
+    if not (band.fits(spec, hq) and _causal_self(node, site, hq)):
         return None
     return (f"causal self-attention with {spec}: {band.BLOCK}-row query blocks each read "
-            f"sink + W - 1 + {band.BLOCK} = {band.keys_read(spec)} keys (no S x S mask)")
+            f"sink + W - 1 + {band.BLOCK} = {band.keys_read(spec, hq)} keys (no S x S mask)")
 
 
 def choose_cached(node, site, target: str, decompose: bool) -> tuple[str, str]:

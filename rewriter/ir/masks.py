@@ -253,18 +253,17 @@ class MaskSpec:
         bounds = self.head_bounds(num_heads)
         return None if None in bounds else max(bounds)
 
-    def kv_head_parts(self, num_heads: int, num_kv_heads: int, *, by_window: bool = False
+    def kv_head_parts(self, num_heads: int, num_kv_heads: int
                       ) -> list[tuple[list[int], list[int], MaskSpec]] | None:
-        """A per-head table as parts of whole KV heads: full ones and windowed ones (or, with
-        ``by_window``, one part per window, so each part's mask is uniform): (query heads, KV
-        heads, the part's mask) each, in order of first KV head. None when there is no table,
-        a single part, or a KV head whose query heads fall in different parts."""
+        """A per-head table as parts of whole KV heads, full ones and windowed ones: (query
+        heads, KV heads, the part's mask) each, in order of first KV head. None when there is
+        no table, a single part, or a KV head whose query heads fall in different parts."""
         if self.heads is None or self.neighborhood is not None:
             return None
         windows, group = self.window_list(num_heads), num_heads // num_kv_heads
         parts_of: dict[int | bool, list[int]] = {}
         for g in range(num_kv_heads):
-            members = {w if by_window else w > 0 for w in windows[g * group:(g + 1) * group]}
+            members = {w > 0 for w in windows[g * group:(g + 1) * group]}
             if len(members) > 1:
                 return None
             parts_of.setdefault(members.pop(), []).append(g)

@@ -54,7 +54,7 @@ def test_llama_equals_program(llama, small_block, tmp_path, spec, target):
     prog = rw.rewrite(llama, f"sparse:{spec}")
     rows = export_and_compare(prog, tmp_path / "m.onnx", target)
     assert {r["op"] for r in rows} == {"banded"}
-    nk = banded.keys_read(MaskSpec.parse(spec))
+    nk = banded.keys_read(MaskSpec.parse(spec), 4)
     assert all(f"{nk} keys" in r["reason"] for r in rows)
 
 
@@ -152,15 +152,45 @@ def test_decompose_keeps_decomposed(llama, tmp_path):
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("name, spec, parts", [
-    ("llama-sdpa", "window=3,sink=1,heads=0;1", 2),  # KV head 0 windowed, KV head 1 full
-    ("gpt2-eager", "window=4,sink=1,heads=0;2", 2),  # MHA: heads 0, 2 | 1, 3, put back
+    ("llama-sdpa", "window=3,sink=1,heads=s/s/f/f", 2),  # KV head 0 windowed, KV head 1 full
+    ("gpt2-eager", "window=4,sink=1,heads=s/f/s/f", 2),  # MHA: heads 0, 2 | 1, 3, put back
+    ("gpt2-eager", "window=4,sink=1,heads=2/f/6/f", 2),  # windowed part with its own table
 ])
 def test_per_kv_head_table_is_split(small_block, tmp_path, name, spec, parts, target):
     """A per-KV-head table (sparse:heads=auto's output) runs one op per part: full KV heads on
     the target's causal op, windowed ones banded; equal to the program."""
-    prog = rw.rewrite(rw.capture(zoo.get(name).build(), (zoo._ids(2, 9),),
-                                 {"use_cache": False}), f"sparse:{spec}")
+    prog = with_sparsity(rw.capture(zoo.get(name).build(), (zoo._ids(2, 9),),
+                                    {"use_cache": False}), spec)
     rows = export_and_compare(prog, tmp_path / "m.onnx", target)
     assert {r["op"] for r in rows} == {translate.SPLIT_GQA if target == "ort"
                                        else translate.SPLIT_STANDARD}
     assert all(f"{parts} parts" in r["reason"] for r in rows)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("spec", [
+    "window=3,sink=1,heads=s/s/s/s",  # a table with one entry: the plain band
+    "window=4,sink=1,heads=2/2/5/5",  # one window per KV head: keep [Hkv, 1, ...]
+    "window=4,sink=2,heads=2/3/s/6",  # windows differ inside a KV group: keep [Hkv, G, ...]
+])
+def test_per_head_windows_share_one_band(llama, small_block, tmp_path, spec, target):
+    """A per-head table without full heads is one banded op reading the widest window's
+    keys, each head keeping its own window; equal to the program."""
+    prog = with_sparsity(llama, spec)
+    rows = export_and_compare(prog, tmp_path / "m.onnx", target)
+    assert {r["op"] for r in rows} == {"banded"}
+    nk = banded.keys_read(MaskSpec.parse(spec), 4)
+    assert nk == 1 + max(MaskSpec.parse(spec).window_list(4)) - 1 + SMALL_BLOCK + (
+        MaskSpec.parse(spec).sink - 1)
+    assert all(f"{nk} keys" in r["reason"] for r in rows)
+
+
+def with_sparsity(prog: rw.Program, spec: str) -> rw.Program:
+    """``prog`` windowed, then every site's mask set to ``spec`` (per-head tables are what
+    sparse:heads=auto writes; the pass grammar takes no table by hand)."""
+    out = rw.rewrite(prog, "sparse:window=2")
+    for node in out.module.graph.nodes:
+        if node.op == "call_function" and "sparsity" in node.kwargs:
+            node.kwargs = {**node.kwargs, "sparsity": spec}
+    out.module.recompile()
+    return out
