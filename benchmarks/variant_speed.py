@@ -153,6 +153,19 @@ def forward_flops(prog, n: int) -> dict:
 
 # --- memory subprocess -----------------------------------------------------------------------
 
+def ort_session(path, threads: int, arena: bool):
+    """As rewriter.onnx.session(path, threads=threads), optionally without the CPU memory
+    arena: a session keeps its arena's high-water mark, and six sessions that each peaked
+    at several GB (8k prefill) do not fit in 24 GB together."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = arena
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def child(job_path: str) -> None:
     """Run one measurement in this fresh process and print its peak RSS as JSON (the job is
     written by `measure_memory`)."""
@@ -191,12 +204,8 @@ def child(job_path: str) -> None:
             with torch.no_grad():
                 return module(*args, **kwargs)
     else:
-        import onnxruntime as ort
 
-        options = ort.SessionOptions()  # as rewriter.onnx.session
-        options.log_severity_level = 3
-        options.intra_op_num_threads = job["threads"]
-        sess = ort.InferenceSession(job["path"], options, providers=["CPUExecutionProvider"])
+        sess = ort_session(job["path"], job["threads"], job["arena"])
         feed = {s["name"]: make(s) for s in job["inputs"]}
 
         def call():
@@ -332,7 +341,7 @@ def run_point(cands: dict, backend: str, target: str | None, mode: str, n: int, 
                               "kwargs": {k: v for k, v in kwargs.items()
                                          if not isinstance(v, torch.Tensor)}}
             else:
-                sess = rwonnx.session(c.onnx(target, False), threads=opts.threads)
+                sess = ort_session(c.onnx(target, False), opts.threads, opts.ort_arena)
 
                 def run(sess=sess, args=args, kwargs=kwargs):
                     rwonnx.run(sess, *args, **kwargs)
@@ -350,7 +359,7 @@ def run_point(cands: dict, backend: str, target: str | None, mode: str, n: int, 
                 path = picklable(dec.module, tmp, f"{name}-decoder")
             else:
                 path = c.onnx(target, True)
-                sess = rwonnx.session(path, threads=opts.threads)
+                sess = ort_session(path, opts.threads, opts.ort_arena)
                 names = [i.name for i in sess.get_inputs()]
                 feed = decode_inputs(dec.cache, names, n)
                 np_feed = {k: v.numpy() for k, v in feed.items()}
@@ -375,7 +384,7 @@ def run_point(cands: dict, backend: str, target: str | None, mode: str, n: int, 
                "ms": round(1e3 * s, 3), "tokens_per_s": round((n if mode == "prefill" else 1) / s,
                                                               2), **extra[name]}
         if not opts.no_memory and (mode == "decode" or n <= opts.memory_max_len):
-            jobs[name]["threads"] = opts.threads
+            jobs[name]["threads"], jobs[name]["arena"] = opts.threads, opts.ort_arena
             row.update(measure_memory(jobs[name], tmp))
         rows.append(row)
     dense = next((r for r in rows if r["variant"] == "dense"), None)
@@ -518,6 +527,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calib-len", type=int, default=1024)
     parser.add_argument("--calib-batches", type=int, default=2)
+    parser.add_argument("--no-ort-arena", dest="ort_arena", action="store_false",
+                        help="ONNX Runtime sessions without the CPU memory arena (needed for "
+                        "8k prefill: every session keeps its peak otherwise)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     parser.add_argument("--memory-max-len", type=int, default=1 << 30,
                         help="no peak-RSS subprocess for prefills longer than this")
@@ -540,6 +552,7 @@ def main() -> None:
     lengths, pasts = ints(opts.lengths), ints(opts.pasts)
     doc = {"model": opts.model, "batch": 1, "repeats": opts.repeats,
            "decode_steps": opts.decode_steps, "threads": opts.threads,
+           "ort_arena": opts.ort_arena,
            "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
            "variants": {n: VARIANTS[n] for n in names}, "rewrite_s": rewrite_s,

@@ -199,6 +199,7 @@ def _take_heads(x, heads: list[int]):
     dims = list(x.shape)
     dims[1] = len(heads)
     y.shape = ir.Shape(dims)
+    y.dtype = x.dtype  # a shape without a type is dropped from value_info, with a warning
     return y
 
 
