@@ -19,9 +19,10 @@ DEFAULT_SEQ_LEN = 16
 BACKEND_METAVAR = "eager|triton|ort"  # rewriter.codegen.BACKENDS (tests check they agree)
 ONNX_TARGET_METAVAR = "onnx|ort"  # rewriter.codegen.onnx.export.TARGETS
 
-MODEL_HELP = ("A zoo name (smollm2-135m, minilm-l6), a Hugging Face model directory, a .gguf "
-              "file, a directory written by `rewriter convert`, or pkg.module:factory (a "
-              "callable returning (module, args[, kwargs]) or a rewriter.models.LoadedModel).")
+MODEL_HELP = ("A zoo name (smollm2-135m, minilm-l6), a Hugging Face model directory, a hub id "
+              "(org/name, from the local Hugging Face cache), a .gguf file, a directory "
+              "written by `rewriter convert`, or pkg.module:factory (a callable returning "
+              "(module, args[, kwargs]) or a rewriter.models.LoadedModel).")
 ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP, show_default=False)]
 SeqLenOpt = Annotated[
     int,
@@ -42,6 +43,18 @@ TrustPickleOpt = Annotated[
     typer.Option("--trust-pickle",
                  help="Accept pickle weights (.bin/.pt); they are read with "
                  "torch.load(weights_only=True)."),
+]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option("--dtype", metavar="float32|bfloat16|float16", show_default=False,
+                 help="Load a checkpoint in this dtype (default float32); rewrites keep it, "
+                 "calibration accumulates in float32."),
+]
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option("--revision", metavar="REV", show_default=False,
+                 help="Branch, tag or commit of a hub id MODEL (org/name), read from the local "
+                 "Hugging Face cache."),
 ]
 OutDirOpt = Annotated[
     Path, typer.Option("--out", "-o", metavar="DIR", show_default=False,

@@ -53,9 +53,10 @@ class Source:
 
 
 def _is_path(text: str) -> bool:
+    from rewriter.io.hub import looks_like_hub_id
     from rewriter.models import ZOO
 
-    return text not in ZOO
+    return text not in ZOO and not looks_like_hub_id(text)
 
 
 def is_saved_program(path: Path) -> bool:
@@ -153,11 +154,13 @@ class ModelInputs:
 
 
 def load_model(model: str, seq_len: int, batch: int = EXAMPLE_BATCH, *,
-               trust_pickle: bool = False) -> ModelInputs:
+               trust_pickle: bool = False, dtype: str | None = None,
+               revision: str | None = None) -> ModelInputs:
     """`rewriter.models.load` plus example inputs built from real text."""
     from rewriter import models
 
-    loaded = models.load(model, trust_pickle=trust_pickle)
+    loaded = models.load(model, dtype or "float32", trust_pickle=trust_pickle,
+                         revision=revision)
     try:
         args, kwargs = loaded.example_inputs(seq_len, batch=batch)
     except ValueError as exc:  # the text is shorter than the inputs asked for
@@ -166,13 +169,18 @@ def load_model(model: str, seq_len: int, batch: int = EXAMPLE_BATCH, *,
 
 
 def open_model(model: str, seq_len: int, reporter: Reporter, *, trust_pickle: bool = False,
-               require_attention: bool = True) -> Program:
+               require_attention: bool = True, dtype: str | None = None,
+               revision: str | None = None) -> Program:
     """The Program that MODEL names: loaded from a saved directory, or captured from a zoo
-    name, HF directory, GGUF file or factory."""
+    name, HF directory, hub id, GGUF file or factory. ``dtype`` and ``revision`` apply to
+    checkpoints (a saved program keeps the dtype it was captured in)."""
     import rewriter as rw
     from rewriter import models
 
     source = classify(model)
+    if source.kind != "checkpoint" and (dtype or revision):
+        raise RewriterError(f"--dtype and --revision apply to checkpoints and hub ids; {model} "
+                            f"is a {'saved program' if source.kind == 'saved' else 'factory'}")
     if source.kind == "saved":
         with reporter.step(f"loading {model}"):
             # torch.export.load finds transformers' output classes (CausalLMOutputWithPast,
@@ -192,7 +200,8 @@ def open_model(model: str, seq_len: int, reporter: Reporter, *, trust_pickle: bo
             inputs = ModelInputs(model, *made)
     else:
         with reporter.step(f"loading {model}"):
-            inputs = load_model(model, seq_len, trust_pickle=trust_pickle)
+            inputs = load_model(model, seq_len, trust_pickle=trust_pickle, dtype=dtype,
+                                revision=revision)
     with reporter.step(f"capturing {inputs.name} (seq-len {seq_len})"):
         program = rw.capture(inputs.model, inputs.args, inputs.kwargs,
                              require_attention=require_attention)

@@ -211,6 +211,10 @@ class SparsePass:
         sink = AUTO_SINK if p["sink"] is None else p["sink"]
         length = p["ctx"]
         windows = [p["window"]] if p["window"] else [w for w in WINDOW_CHOICES if w < length]
+        if not windows:
+            raise SpecError(f"sparse:heads=auto at ctx={length}: no window choice is shorter "
+                            f"than the context (the smallest is {min(WINDOW_CHOICES)}); pass "
+                            "window=W or a larger ctx=")
         patterns = [MaskSpec(w, sink) for w in windows]
         o_weights = {}
         for site in program.sites:

@@ -1,25 +1,39 @@
 """Saved programs: ``program.pt2`` (torch.export), ``manifest.json``, the example inputs, and
 ``hf/`` where the source architecture's config expresses the result, written atomically
-(rewriter.io.atomic). `read_saved` gives back what `rewriter.load` builds a Program from."""
+(rewriter.io.atomic). `read_saved` gives back what `rewriter.load` builds a Program from.
+
+Each tensor is stored once, streamed tensor by tensor (rewriter.io.tensors): in
+``hf/model.safetensors`` when hf/ is written (the tensors its architecture takes, under its
+names), the rest in ``weights.safetensors``. ``program.pt2`` holds the graph with placeholder
+weights (stride-0 views of one scalar each: torch.export.save copies each storage into memory
+before writing it), and loading puts the stored tensors back by name. Format 1 directories
+(weights inside program.pt2) still load."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from rewriter.analysis.accounting import program_accounting
 from rewriter.errors import ModelLoadError, RewriterError, first_line
 from rewriter.io.atomic import atomic_directory
-from rewriter.io.hf import hf_expressible, write_hf
+from rewriter.io.hf import hf_expressible, hf_state, write_hf
 from rewriter.io.inputs import load_inputs, save_inputs
+from rewriter.io.tensors import read_safetensors, write_safetensors
 from rewriter.ir.export import dynamic_shapes_for, strip_runtime_asserts
 from rewriter.ir.graph import canonical_nodes, fetch_attr, set_attr, tensor_aliases
 from rewriter.ir.site import AttentionSite
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+WEIGHTS_FILE = "weights.safetensors"
+HF_WEIGHTS_FILE = "hf/model.safetensors"
+CONSTANT = "constant:"  # file-name prefix of ep.constants (lifted tensors), apart from state
 
 
 def manifest_of(program, verification=None) -> dict:
@@ -68,27 +82,128 @@ def save_program(program, path, *, force: bool = False, verification=None,
             ep = torch.export.export(program.module, program.example_args,
                                      kwargs=program.example_kwargs, strict=False,
                                      dynamic_shapes=shapes)
-        torch.export.save(ep, tmp / "program.pt2")
-        manifest["inputs"] = save_inputs(program.example_args, program.example_kwargs,
-                                         tmp / "inputs.safetensors")
         fits, reason = hf_expressible(program)
+        # tied tensors are stored under the name transformers expects, where hf/ is written
+        order = [*(hf_state(program) if fits else {}), *program.module.state_dict()]
+        weights, aliases = stored_tensors(ep, order)
+        in_hf: set[str] = set()
         if fits:
             try:
-                write_hf(program, tmp / "hf")
-            except RewriterError as exc:  # program.pt2 stands without it
+                in_hf = write_hf(program, tmp / "hf", weights)
+            except RewriterError as exc:  # program.pt2 and weights.safetensors stand without
                 shutil.rmtree(tmp / "hf", ignore_errors=True)
                 fits, reason = False, first_line(exc)
         manifest["hf"] = {"written": fits, "reason": reason}
+        rest = [(name, t) for name, t in weights.items() if name not in in_hf]
+        files = [HF_WEIGHTS_FILE] if in_hf else []
+        if rest or not in_hf:
+            write_safetensors(tmp / WEIGHTS_FILE, rest)
+            files.append(WEIGHTS_FILE)
+        manifest["weights"] = {"files": files, "aliases": aliases,
+                               "bytes": sum(t.numel() * t.element_size()
+                                            for t in weights.values())}
+        with placeholders(ep), warnings.catch_warnings():
+            # a stride-0 placeholder never covers its storage group: "No complete tensor"
+            warnings.filterwarnings("ignore", message="No complete tensor found")
+            torch.export.save(ep, tmp / "program.pt2")
+        manifest["inputs"] = save_inputs(program.example_args, program.example_kwargs,
+                                         tmp / "inputs.safetensors")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
     atomic_directory(path, force, fill)
     return manifest
 
 
+def stored_tensors(ep, order: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors an ExportedProgram holds, each once: ({file name: tensor}, {alias: file
+    name}) where names sharing one tensor (tied weights) store it under the one that comes
+    first in ``order`` (the module's: a model's input embedding before its LM head, as
+    transformers stores them)."""
+    rank: dict[str, int] = {}
+    for name in order:
+        rank.setdefault(name, len(rank))
+    weights: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in sorted(_ep_tensors(ep), key=lambda item: rank.get(item[0], len(rank))):
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype)
+        if key in seen and tensor.numel():
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            weights[name] = tensor.detach()
+    return weights, aliases
+
+
+def _ep_tensors(ep):
+    """(file name, tensor) for ep.state_dict, then ep.constants that are tensors."""
+    yield from ep.state_dict.items()
+    yield from ((CONSTANT + n, t) for n, t in ep.constants.items()
+                if isinstance(t, torch.Tensor))
+
+
+@contextlib.contextmanager
+def placeholders(ep):
+    """ep's tensors swapped for stride-0 views of a scalar each (same shapes, types and
+    requires_grad), restored on exit: torch.export.save then writes one element per tensor.
+    (One scalar shared by all would be one storage group, which torch.export.save warns
+    about.)"""
+
+    def stand_in(t: torch.Tensor) -> torch.Tensor:
+        view = torch.zeros((), dtype=t.dtype).expand(t.shape)
+        if isinstance(t, torch.nn.Parameter):
+            return torch.nn.Parameter(view, requires_grad=t.requires_grad)
+        return view
+
+    state, constants = dict(ep.state_dict), dict(ep.constants)
+    try:
+        for name, t in state.items():
+            ep.state_dict[name] = stand_in(t)
+        for name, t in constants.items():
+            if isinstance(t, torch.Tensor):
+                ep.constants[name] = stand_in(t)
+        yield
+    finally:
+        ep.state_dict.update(state)
+        ep.constants.update(constants)
+
+
+def restore_weights(ep, path: Path, weights: dict) -> None:
+    """Put the tensors of a format-2 directory back into the loaded ep (placeholders in it),
+    checking each name, shape and dtype."""
+    files = [path / f for f in weights["files"]]
+    stored: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            raise ModelLoadError(f"{path}: {file.relative_to(path)} is missing")
+        stored.update(read_safetensors(file))
+    aliases = weights.get("aliases", {})
+    made: dict[str, torch.Tensor] = {}  # file name -> the tensor every alias of it shares
+    for table, prefix in ((ep.state_dict, ""), (ep.constants, CONSTANT)):
+        for name, old in list(table.items()):
+            if not isinstance(old, torch.Tensor):
+                continue
+            key = aliases.get(prefix + name, prefix + name)
+            if key not in made:
+                if key not in stored:
+                    raise ModelLoadError(f"{path}: the weights files lack {key}")
+                new = stored[key]
+                if new.shape != old.shape or new.dtype != old.dtype:
+                    raise ModelLoadError(f"{path}: {key} is {new.dtype} {tuple(new.shape)} on "
+                                         f"disk, the graph expects {old.dtype} "
+                                         f"{tuple(old.shape)}")
+                if isinstance(old, torch.nn.Parameter):
+                    new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+                made[key] = new
+            table[name] = made[key]
+
+
 def read_saved(path) -> dict:
     """What a directory written by `save_program` holds, as keyword arguments of a Program:
     module, sites, example_args, example_kwargs, manifest. The graph is read with
-    torch.export.load (no pickle); the graph before canonicalization is not kept."""
+    torch.export.load and the weights from safetensors (no pickle); the graph before
+    canonicalization is not kept."""
     path = Path(path)
     pt2, manifest_path = path / "program.pt2", path / "manifest.json"
     if not pt2.is_file() or not manifest_path.is_file():
@@ -104,6 +219,12 @@ def read_saved(path) -> dict:
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot read the saved program: {first_line(exc)}") \
             from exc
+    if manifest.get("weights"):
+        try:
+            restore_weights(ep, path, manifest["weights"])
+        except (OSError, ValueError, SafetensorError) as exc:  # a damaged or truncated file
+            raise ModelLoadError(f"{path}: cannot read the weights: {first_line(exc)}") \
+                from exc
     module = ep.module()
     strip_runtime_asserts(module)
     retie(module, manifest.get("tied", []), path)
@@ -116,7 +237,7 @@ def read_saved(path) -> dict:
         site.node = node.name
     args, kwargs = load_inputs(manifest["inputs"], path / "inputs.safetensors")
     return {"module": module, "sites": sites, "example_args": args, "example_kwargs": kwargs,
-            "manifest": {k: v for k, v in manifest.items() if k != "sites"}}
+            "manifest": {k: v for k, v in manifest.items() if k not in ("sites", "weights")}}
 
 
 def retie(module: torch.nn.Module, groups: list[list[str]], path: Path) -> None:

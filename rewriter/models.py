@@ -15,6 +15,7 @@ import torch
 
 from rewriter.errors import ModelLoadError, first_line
 from rewriter.frontend import capture
+from rewriter.io.hub import cached_snapshot, looks_like_hub_id
 from rewriter.io.quiet import quiet_tqdm
 from rewriter.io.text import token_windows
 
@@ -72,15 +73,25 @@ def zoo_path(entry: ZooModel) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / entry.subdir
 
 
-def resolve(name_or_path: str) -> tuple[Path, str | None, str]:
-    """(directory, gguf file name or None, display name) for a zoo name, directory or file."""
+def resolve(name_or_path: str, revision: str | None = None) -> tuple[Path, str | None, str]:
+    """(directory, gguf file name or None, display name) for a zoo name, directory, file or
+    Hugging Face hub id (``org/name`` from the local hub cache, at ``revision``)."""
     if name_or_path in ZOO:
         entry = ZOO[name_or_path]
         return zoo_path(entry), entry.gguf_file, entry.name
+    if looks_like_hub_id(name_or_path):
+        path = cached_snapshot(name_or_path, revision)
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{name_or_path}: the cached snapshot {path} has no "
+                                 "config.json (not a transformers model)")
+        return path, None, name_or_path
+    if revision is not None:
+        raise ModelLoadError(f"--revision {revision!r} applies to hub ids (org/name), not to "
+                             f"{name_or_path!r}")
     path = Path(name_or_path).expanduser()
     if not path.exists():
         raise ModelLoadError(f"no such model: {name_or_path!r} is neither a zoo name "
-                             f"({', '.join(ZOO)}) nor an existing path")
+                             f"({', '.join(ZOO)}), an existing path, nor a hub id (org/name)")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{name_or_path}: not a model file (expected a .gguf file or "
@@ -99,15 +110,18 @@ def _check_gguf(path: Path) -> None:
             raise ModelLoadError(f"{path}: not a GGUF file (bad magic number)")
 
 
-def load(name_or_path: str, dtype: torch.dtype = torch.float32, *,
-         trust_pickle: bool = False) -> LoadedModel:
-    """Load a zoo name, a Hugging Face directory (safetensors weights) or a GGUF file.
+def load(name_or_path: str, dtype: torch.dtype | str = torch.float32, *,
+         trust_pickle: bool = False, revision: str | None = None) -> LoadedModel:
+    """Load a zoo name, a Hugging Face directory (safetensors weights), a GGUF file, or a hub
+    id from the local hub cache (``revision``: a branch, tag or commit), in ``dtype``
+    (a torch dtype or its name: float32, bfloat16, float16).
 
     ``trust_pickle``: also accept a directory with only pickle weights (.bin/.pt); transformers
     reads them with ``torch.load(weights_only=True)`` (tensors and plain containers only)."""
     import transformers
 
-    directory, gguf_file, display = resolve(name_or_path)
+    dtype = parse_dtype(dtype)
+    directory, gguf_file, display = resolve(name_or_path, revision)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -131,6 +145,19 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, *,
             from exc
     model.eval()
     return LoadedModel(display, model, tokenizer, causal)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from itself or its name (float32, bfloat16, float16; fp32, bf16, fp16)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r} (allowed: {', '.join(DTYPES)})")
+    return DTYPES[name]
 
 
 def _require_safetensors(directory: Path, trust_pickle: bool = False) -> bool:

@@ -58,11 +58,13 @@ class Program(GraphProgram):
         inference-only; sites it cannot serve stay eager, the reason in their notes)."""
         return compile_program(self, backend)
 
-    def export_onnx(self, path, target: str = "onnx", *, kv_cache: bool = False) -> list[dict]:
+    def export_onnx(self, path, target: str = "onnx", *, kv_cache: bool = False,
+                    external_data: bool | None = None) -> list[dict]:
         """Write this program as ONNX (target "onnx": standard ops; "ort": ONNX Runtime contrib
         ops where they fit); returns which op each site became (see rewriter.onnx).
-        ``kv_cache``: a decoder step with past/present key-value inputs and outputs."""
-        return export_onnx(self, path, target, kv_cache=kv_cache)
+        ``kv_cache``: a decoder step with past/present key-value inputs and outputs.
+        ``external_data``: weights in ``<path>.data`` (default: when over 1.5 GiB)."""
+        return export_onnx(self, path, target, kv_cache=kv_cache, external_data=external_data)
 
     def decoder(self, *, bounded: bool = True):
         """This causal LM as a step function over a KV cache (rewriter.decoder.Decoder),

@@ -26,7 +26,7 @@ def test_save_load_round_trip(tmp_path, llama):
     new = rw.rewrite(prog, ["gqa:kv-heads=1,merge=mean", "sparse:window=3,sink=1"])
     manifest = new.save(tmp_path / "out", verification=new.verify(prog))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
-        ["inputs.safetensors", "manifest.json", "program.pt2"]
+        ["inputs.safetensors", "manifest.json", "program.pt2", "weights.safetensors"]
     assert manifest["hf"]["written"] is False and "sparse" in manifest["hf"]["reason"]
     loaded = rw.load(tmp_path / "out")
     assert [s.sparsity for s in loaded.sites] == [s.sparsity for s in new.sites]
@@ -160,7 +160,7 @@ def test_hf_that_cannot_be_written_does_not_sink_the_save(tmp_path, llama, monke
     """program.pt2 is the result; an hf/ the writer refuses is reported, not fatal."""
     import rewriter.checkpoint as ckpt
 
-    def refuse(program, directory):
+    def refuse(program, directory, weights):
         directory.mkdir()
         (directory / "partial").write_text("x")
         raise rw.RewriterError("cannot write hf/: no room for it")
@@ -170,4 +170,4 @@ def test_hf_that_cannot_be_written_does_not_sink_the_save(tmp_path, llama, monke
     manifest = rw.rewrite(prog, "gqa:kv-heads=1,merge=mean").save(tmp_path / "out")
     assert manifest["hf"] == {"written": False, "reason": "cannot write hf/: no room for it"}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
-        ["inputs.safetensors", "manifest.json", "program.pt2"]
+        ["inputs.safetensors", "manifest.json", "program.pt2", "weights.safetensors"]

@@ -12,11 +12,13 @@ from rewriter.cli.errors import user_errors
 from rewriter.cli.options import (
     DEFAULT_SEQ_LEN,
     CtxOpt,
+    DtypeOpt,
     ForceOpt,
     JsonOpt,
     ModelArg,
     OnnxTargetOpt,
     OutDirOpt,
+    RevisionOpt,
     SeqLenOpt,
     TrustPickleOpt,
     VariantOpt,
@@ -47,6 +49,8 @@ def convert(
                            "measure perplexity before and after (language models).")] = True,
     force: ForceOpt = False,
     trust_pickle: TrustPickleOpt = False,
+    dtype: DtypeOpt = None,
+    revision: RevisionOpt = None,
     seq_len: SeqLenOpt = DEFAULT_SEQ_LEN,
     ctx: CtxOpt = 256,
     windows: WindowsOpt = 2,
@@ -74,7 +78,8 @@ def convert(
         check_output_dir(out, force)
         text = read_text(calib, "--calib")
 
-        before = open_model(model, seq_len, rep, trust_pickle=trust_pickle)
+        before = open_model(model, seq_len, rep, trust_pickle=trust_pickle, dtype=dtype,
+                          revision=revision)
         if text is not None:
             need_tokenizer(before, "--calib FILE")
         with rep.step(f"rewriting: {' + '.join(variant)}"):

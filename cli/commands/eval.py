@@ -15,8 +15,10 @@ from rewriter.cli.options import (
     DEFAULT_SEQ_LEN,
     BackendOpt,
     CtxOpt,
+    DtypeOpt,
     JsonOpt,
     ModelArg,
+    RevisionOpt,
     SeqLenOpt,
     TrustPickleOpt,
     WindowsOpt,
@@ -43,6 +45,8 @@ def eval_(
     backend: BackendOpt = "eager",
     seq_len: SeqLenOpt = DEFAULT_SEQ_LEN,
     trust_pickle: TrustPickleOpt = False,
+    dtype: DtypeOpt = None,
+    revision: RevisionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Perplexity and tokens/s of MODEL (or a converted DIR) on windows of text."""
@@ -52,7 +56,8 @@ def eval_(
     with user_errors(), Reporter(stderr_console()) as rep:
         check_choice(backend, backend_names(), "--backend")
         body = read_text(text, "--text")
-        prog = open_model(model, seq_len, rep, trust_pickle=trust_pickle)
+        prog = open_model(model, seq_len, rep, trust_pickle=trust_pickle, dtype=dtype,
+                          revision=revision)
         tokenizer = need_tokenizer(prog, "eval")
         if not quality.is_language_model(prog):
             raise RewriterError(f"{model} is not a language model (it returns no logits): "

@@ -11,8 +11,10 @@ from rewriter.cli.errors import user_errors
 from rewriter.cli.options import (
     DEFAULT_SEQ_LEN,
     ONNX_TARGET_METAVAR,
+    DtypeOpt,
     JsonOpt,
     ModelArg,
+    RevisionOpt,
     SeqLenOpt,
     TrustPickleOpt,
     check_choice,
@@ -36,21 +38,32 @@ def export(
         "--kv-cache", help="Export a decoder step: past_key_N/past_value_N inputs and "
         "present_key_N/present_value_N outputs (causal LMs; checked against the model "
         "before export).")] = False,
+    external_data: Annotated[bool | None, typer.Option(
+        "--external-data/--no-external-data", show_default=False,
+        help="Weights in PATH.data beside the model (default: when they exceed 1.5 GiB; "
+        "protobuf cannot hold 2 GiB).")] = None,
     trust_pickle: TrustPickleOpt = False,
+    dtype: DtypeOpt = None,
+    revision: RevisionOpt = None,
     seq_len: SeqLenOpt = DEFAULT_SEQ_LEN,
     as_json: JsonOpt = False,
 ) -> None:
     """Export MODEL (a checkpoint, zoo name or saved program) to ONNX with dynamic batch and
     sequence axes."""
+    from rewriter.codegen.onnx.export import data_path
+
     with user_errors(), Reporter(stderr_console()) as rep:
         check_choice(target, onnx_targets(), "--target")
-        prog = open_model(model, seq_len, rep, trust_pickle=trust_pickle)
+        prog = open_model(model, seq_len, rep, trust_pickle=trust_pickle, dtype=dtype,
+                          revision=revision)
         what = "decoder with KV cache" if kv_cache else "model"
         with rep.step(f"exporting the {what} to {out} (target {target})"):
-            rows = prog.export_onnx(out, target, kv_cache=kv_cache)
+            rows = prog.export_onnx(out, target, kv_cache=kv_cache, external_data=external_data)
     if as_json:
         typer.echo(json.dumps({"model": model, "path": out, "target": target,
                                "kv_cache": kv_cache, "sites": rows}, indent=2))
         return
-    typer.echo(f"wrote {out}: {len(rows)} attention sites ({onnx_ops(rows)})"
+    data = data_path(out)
+    typer.echo(f"wrote {out}" + (f" (weights in {data.name})" if data.is_file() else "")
+               + f": {len(rows)} attention sites ({onnx_ops(rows)})"
                + (", with a KV cache" if kv_cache else ""))

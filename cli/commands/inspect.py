@@ -12,9 +12,11 @@ from rewriter.cli.errors import user_errors
 from rewriter.cli.options import (
     DEFAULT_SEQ_LEN,
     MODEL_HELP,
+    DtypeOpt,
     ExplainOpt,
     ForceOpt,
     JsonOpt,
+    RevisionOpt,
     SeqLenOpt,
     TrustPickleOpt,
     check_choice,
@@ -70,6 +72,8 @@ def inspect(
     ] = None,
     force: ForceOpt = False,
     trust_pickle: TrustPickleOpt = False,
+    dtype: DtypeOpt = None,
+    revision: RevisionOpt = None,
 ) -> None:
     """List every attention in MODEL and check that canonicalizing it is an identity.
 
@@ -91,7 +95,8 @@ def inspect(
             from rewriter.io.atomic import OutputExistsError
 
             raise OutputExistsError(f"{out} exists: pick another --out or pass --force")
-        prog = open_model(model, seq_len, rep, trust_pickle=trust_pickle,
+        prog = open_model(model, seq_len, rep, trust_pickle=trust_pickle, dtype=dtype,
+                          revision=revision,
                           require_attention=not explain)
         if diff is not None:
             other = open_model(diff, seq_len, rep, trust_pickle=trust_pickle)

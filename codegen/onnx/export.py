@@ -7,6 +7,11 @@ input_ids [batch, sequence] and past_key_<n>/past_value_<n> [batch, Hkv, past_se
 outputs logits and present_key_<n>/present_value_<n> [batch, Hkv, past_sequence + sequence, D].
 A bounded decoder (sink + window caches) also has the input past_length and the output
 present_length (int64 scalars), and its bounded presents keep at most ``bound`` positions.
+
+Weights over `EXTERNAL_DATA_THRESHOLD` (and any, on request) go to one external-data file
+beside the model, ``<name>.onnx.data`` (ONNX's 2 GB protobuf limit): written tensor by tensor
+by onnx_ir, checked by path with onnx.checker, and moved into place with the model only once
+both are complete.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ import io
 import json
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 import torch
 
 from rewriter.codegen.onnx.translate import plan, translations
@@ -29,6 +37,9 @@ from rewriter.ir.export import dynamic_shapes_for
 
 TARGETS = ("onnx", "ort")
 OPSET = 23  # the first with the standard Attention op
+# Initializer bytes above which the weights go to external data: protobuf refuses messages over
+# 2 GiB, and the graph and metadata need room besides the weights (torch.onnx uses 1.5 GiB).
+EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
 
 
 class ExportError(RewriterError):
@@ -41,24 +52,29 @@ def manifest_path(path: str | os.PathLike) -> Path:
 
 
 def export_program(program, path: str | os.PathLike, target: str = "onnx", *,
-                   decompose: bool = False, check: bool = True) -> list[dict]:
+                   decompose: bool = False, check: bool = True,
+                   external_data: bool | None = None) -> list[dict]:
     """Write ``program`` as ONNX to ``path``; returns the per-site manifest rows
     ({site, node, op, domain, reason}), also written to ``<path>.json``.
 
-    ``decompose``: standard ops only (MatMul/Softmax) instead of the opset-23 Attention op."""
+    ``decompose``: standard ops only (MatMul/Softmax) instead of the opset-23 Attention op.
+    ``external_data``: weights in ``<path>.data`` (None: when they exceed
+    EXTERNAL_DATA_THRESHOLD)."""
     if target not in TARGETS:
         raise ExportError(f"unknown ONNX target {target!r} (allowed: {', '.join(TARGETS)})")
     plans = plan(program.module, {s.node: s for s in program.sites}, target, decompose)
     args, kwargs = tuple(program.example_args), dict(program.example_kwargs)
     model = _to_onnx(program.module, args, kwargs,
                      dynamic_shapes_for(program.module, args, kwargs), plans)
-    return _write(model, path, target, plans, check)["sites"]
+    return _write(model, path, target, plans, check, external_data)["sites"]
 
 
 def export_decoder(decoder, path: str | os.PathLike, target: str = "onnx", *,
-                   decompose: bool = False, check: bool = True) -> list[dict]:
+                   decompose: bool = False, check: bool = True,
+                   external_data: bool | None = None) -> list[dict]:
     """Write ``decoder`` (rewriter.decoder.Decoder) as ONNX with past/present KV inputs and
-    outputs; returns the per-site manifest rows (the manifest JSON also lists the cache)."""
+    outputs; returns the per-site manifest rows (the manifest JSON also lists the cache).
+    ``external_data`` as for `export_program`."""
     from torch.export import Dim
 
     if target not in TARGETS:
@@ -74,20 +90,45 @@ def export_decoder(decoder, path: str | os.PathLike, target: str = "onnx", *,
     cache = [{"input": e.input_name, "output": e.output_name, "kv_heads": e.heads,
               "head_dim": e.head_dim, "sites": list(e.sites), "bound": e.bound}
              for e in decoder.cache]
-    return _write(model, path, target, plans, check, cache=cache)["sites"]
+    return _write(model, path, target, plans, check, external_data, cache=cache)["sites"]
 
 
-def _write(model: onnx.ModelProto, path: str | os.PathLike, target: str, plans, check: bool,
-           **extra) -> dict:
-    """Check, then write the model and its manifest (``<path>.json``) atomically."""
+def data_path(path: str | os.PathLike) -> Path:
+    """model.onnx -> model.onnx.data (its external data, when it has any)"""
+    return Path(f"{os.fspath(path)}.data")
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if v.const_value is not None)
+
+
+def _write(model: ir.Model, path: str | os.PathLike, target: str, plans, check: bool,
+           external_data: bool | None, **extra) -> dict:
+    """Write the model (external data as `export_program` says), check it by path, then move
+    it into place with its manifest (``<path>.json``): a reader sees the old files or the
+    complete new ones, never a model without its data."""
     path = Path(path)
-    if check:
-        onnx.checker.check_model(model)
-    rows = [p.to_dict() for p in plans]
+    if external_data is None:
+        external_data = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_file(path, model.SerializeToString())
-    document = {"target": target, "opset": OPSET, "inputs": [i.name for i in model.graph.input],
-                "outputs": [o.name for o in model.graph.output], "sites": rows, **extra}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        ir.save(model, tmp / path.name,
+                external_data=data_path(path.name).name if external_data else None)
+        if check:  # by path: a ModelProto over 2 GiB cannot be checked in memory
+            onnx.checker.check_model(str(tmp / path.name))
+        if external_data:
+            os.replace(data_path(tmp / path.name), data_path(path))
+        os.replace(tmp / path.name, path)
+        if not external_data:
+            data_path(path).unlink(missing_ok=True)  # an earlier export's, now stale
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = [p.to_dict() for p in plans]
+    document = {"target": target, "opset": OPSET, "inputs": [i.name for i in model.graph.inputs],
+                "outputs": [o.name for o in model.graph.outputs], "sites": rows,
+                "external_data": data_path(path.name).name if external_data else None, **extra}
     atomic_file(manifest_path(path), json.dumps(document, indent=2).encode())
     return document
 
@@ -104,7 +145,7 @@ def _log_level(name: str, level: int):
 
 
 def _to_onnx(module, args: tuple, kwargs: dict, shapes, plans, *,
-             names: tuple[list[str], list[str]] | None = None) -> onnx.ModelProto:
+             names: tuple[list[str], list[str]] | None = None) -> ir.Model:
     """torch.onnx.export with our translations; ``names`` renames the graph inputs and
     outputs (the exporter names them after FX nodes)."""
     table = translations(plans)
@@ -128,7 +169,7 @@ def _to_onnx(module, args: tuple, kwargs: dict, shapes, plans, *,
                                   f"{len(wanted)} ({', '.join(wanted)}) were expected")
             for value, name in zip(values, wanted, strict=True):
                 value.name = name
-    return onnx_program.model_proto
+    return onnx_program.model  # the ONNX IR, its weights still the module's tensors
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rewriter.errors import RewriterError
+
 __all__ = ["generate", "run", "session"]
 
 
@@ -47,15 +49,34 @@ def _numpy_dtype(onnx_type: str):
 
 def session(path: str | os.PathLike, *, threads: int | None = None,
             providers: list[str] | None = None):
-    """An onnxruntime.InferenceSession (CPU by default; contrib ops need ONNX Runtime)."""
+    """An onnxruntime.InferenceSession (CPU by default; contrib ops need ONNX Runtime). A
+    bfloat16 model on a provider without bfloat16 kernels (ONNX Runtime's CPU provider) is a
+    one-line RewriterError that says what to export instead."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about unused initializers are noise here
     if threads is not None:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(os.fspath(path), options,
-                                providers=providers or ["CPUExecutionProvider"])
+    providers = providers or ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(os.fspath(path), options, providers=providers)
+    except Exception as exc:  # onnxruntime's own NotImplemented, Fail, ... types
+        if "NOT_IMPLEMENTED" in str(exc) and _is_bfloat16(path):
+            missing = str(exc).split("implementation for ", 1)[-1].split(" node")[0]
+            raise RewriterError(
+                f"{path}: ONNX Runtime ({', '.join(providers)}) has no bfloat16 kernel for "
+                f"{missing}: export the program in float16 or float32 (load the model with "
+                "--dtype float16 / rewriter.models.load(..., 'float16'))") from exc
+        raise
+
+
+def _is_bfloat16(path) -> bool:
+    import onnx
+
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    return any(v.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
+               for v in model.graph.output)
 
 
 def run(sess, *args: Any, **kwargs: Any) -> list[torch.Tensor]:

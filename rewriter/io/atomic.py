@@ -6,11 +6,13 @@ new one is complete). Outputs get the permissions the umask gives a new file or 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from rewriter.errors import RewriterError
 
@@ -50,12 +52,20 @@ def atomic_directory(path: Path, force: bool, fill: Callable[[Path], None]) -> N
 def atomic_file(path: Path, data: bytes | str) -> None:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place: a reader
     never sees a half-written file."""
+    with atomic_writer(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A binary file to write piece by piece, renamed to ``path`` once the block completes
+    (removed if it raises)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            yield f
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:

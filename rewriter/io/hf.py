@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from rewriter.errors import RewriterError
-from rewriter.io.quiet import quiet_tqdm
+from rewriter.io.tensors import write_safetensors
 
 # transformers model types whose attention config is (heads, kv heads, head_dim) and whose
 # q/k/v/o projections are separate linears named like the graph's parameters.
@@ -42,24 +44,45 @@ def hf_expressible(program) -> tuple[bool, str]:
     return True, f"num_key_value_heads={kv}"
 
 
-def write_hf(program, directory: Path) -> None:
-    import transformers
-
+def _config(program):
     config = program.hf_config.__class__.from_dict(program.hf_config.to_dict())
     config.num_key_value_heads = program.sites[0].num_kv_heads
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    state = program.module.state_dict()  # every name of a tied weight (named_parameters
-    # would list it once)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if "rotary_emb" not in m and not
-               (m == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
+    return config
+
+
+def hf_state(program) -> dict[str, torch.Tensor]:
+    """The state names (in the architecture's order) and meta tensors of the transformers
+    model that `write_hf` writes for ``program``; no memory is allocated."""
+    import transformers
+
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(_config(program)).state_dict()
+
+
+def write_hf(program, directory: Path, weights: dict[str, torch.Tensor]) -> set[str]:
+    """Write ``directory`` as a transformers checkpoint of the program: config, tokenizer,
+    and ``model.safetensors`` holding those of ``weights`` (name -> tensor, each tensor once)
+    that the architecture takes, streamed. Returns the names written there."""
+    config = _config(program)
+    expected = hf_state(program)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [n for n in expected if n not in weights and n not in tied
+               and "rotary_emb" not in n]
     if missing:
         raise RewriterError(f"cannot write hf/: parameters missing from the program: "
                             f"{missing[:3]}")
-    with quiet_tqdm():
-        model.save_pretrained(directory, safe_serialization=True)
+    wrong = [n for n in expected if n in weights and weights[n].shape != expected[n].shape]
+    if wrong:
+        raise RewriterError(f"cannot write hf/: {wrong[0]} is {tuple(weights[wrong[0]].shape)} "
+                            f"in the program, {tuple(expected[wrong[0]].shape)} in the config")
+    names = [n for n in weights if n in expected]
+    directory.mkdir(parents=True)
+    config.save_pretrained(directory)
+    write_safetensors(directory / "model.safetensors", ((n, weights[n]) for n in names),
+                      metadata={"format": "pt"})
     if program.tokenizer is not None:
         try:
             program.tokenizer.save_pretrained(directory)
         except Exception:  # a tokenizer that cannot be saved does not void the weights
             pass
+    return set(names)

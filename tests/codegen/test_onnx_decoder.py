@@ -169,6 +169,7 @@ def test_bounded_op_alone(tmp_path, target, decompose, sparsity, bound):
     """The op by itself (per-head windows, dilation, softcap): chunks of 1 to 5 tokens from an
     empty cache to well past the bound (L + S below the sink, at the bound, beyond it) give
     the eager op's output and evicted presents."""
+    import onnx_ir as ir
     from torch.export import Dim
 
     from rewriter.codegen.onnx.export import _to_onnx
@@ -188,7 +189,7 @@ def test_bounded_op_alone(tmp_path, target, decompose, sparsity, bound):
     plans = plan(graph, {}, target, decompose)
     assert [p.bound for p in plans] == [bound]
     path = tmp_path / "op.onnx"
-    path.write_bytes(_to_onnx(module, args, {}, shapes, plans).SerializeToString())
+    ir.save(_to_onnx(module, args, {}, shapes, plans), path)
     sess = rwonnx.session(path, threads=1)
     names = [i.name for i in sess.get_inputs()]
     cache = [torch.zeros(1, 2, 0, 8), torch.zeros(1, 2, 0, 8)]
