@@ -22,8 +22,13 @@ above ``baseline_rss_gb`` (the interpreter, torch and transformers before any we
 ratio; bytes on disk of the saved directory (and of each file in it) and of the ONNX model +
 data, with ratios.
 Targets (issue #15): saved directory <= 1.1x the weight bytes; peak RSS through the ONNX export
-<= 1.5x. A step that fails records its one-line error and ends that dtype's run. Writes JSON
-after each dtype; asserts nothing.
+<= 1.5x. ``--memory-cap-gb X`` repeats the first dtype in a memory cgroup capped at X GB (page
+cache included, dropped first so the checkpoint is read inside the cap; needs root): with X
+below the weight bytes, the run shows a model larger than the memory the process may use
+converted and exported, since every stage reads weights lazily (transformers and safetensors
+map the files) and writes them one tensor at a time. "reload" also checks that the reloaded
+program's logits equal the saved program's, bit for bit. A step that fails records its
+one-line error and ends that dtype's run. Writes JSON after each dtype; asserts nothing.
 """
 
 # ruff: noqa: E402  (the sys.path fix below must run before the imports)
@@ -139,9 +144,13 @@ def child(spec_path: str) -> None:
         state["onnx_rows"] = state["prog"].export_onnx(out / "onnx" / "model.onnx",
                                                       spec["onnx_target"])
 
-    def do_reload():
-        state.pop("prog")
-        state["prog"] = rw.load(out / "saved")
+    def do_reload():  # and check the reloaded program computes what was saved, bit for bit
+        ids = torch.arange(3, 19).view(1, 16)
+        with torch.no_grad():
+            want = state.pop("prog")(ids, use_cache=False).logits
+            got = rw.load(out / "saved")(ids, use_cache=False).logits
+        if not torch.equal(got, want):
+            raise AssertionError("the reloaded program differs from the saved one")
 
     for name, fn in zip(STEPS, [do_load, do_capture, do_rewrite, do_save, do_onnx, do_reload],
                         strict=True):
@@ -159,7 +168,24 @@ def child(spec_path: str) -> None:
     print(json.dumps(result))
 
 
-def run_dtype(opts, dtype: str, workdir: Path) -> dict:
+def memory_cgroup(cap_gb: float) -> tuple[Path, str]:
+    """A memory cgroup limited to ``cap_gb`` (page cache included), v1 or v2; (its directory,
+    the file that reports its peak usage). Needs root."""
+    v1 = Path("/sys/fs/cgroup/memory")
+    limit = str(int(cap_gb * 1e9))
+    if v1.is_dir():
+        group = v1 / "rewriter_scale"
+        group.mkdir(exist_ok=True)
+        (group / "memory.limit_in_bytes").write_text(limit)
+        (group / "memory.max_usage_in_bytes").write_text("0")
+        return group, "memory.max_usage_in_bytes"
+    group = Path("/sys/fs/cgroup/rewriter_scale")
+    group.mkdir(exist_ok=True)
+    (group / "memory.max").write_text(limit)
+    return group, "memory.peak"
+
+
+def run_dtype(opts, dtype: str, workdir: Path, cap_gb: float | None = None) -> dict:
     checkpoint = workdir / f"hf-{opts.config}-{dtype}"
     t0 = time.perf_counter()
     made = subprocess.run([sys.executable, __file__, "--make", opts.config, dtype,
@@ -172,13 +198,27 @@ def run_dtype(opts, dtype: str, workdir: Path) -> dict:
             "weight_bytes": weight_bytes, "workdir": str(workdir / f"out-{dtype}")}
     spec_path = workdir / f"spec-{dtype}.json"
     spec_path.write_text(json.dumps(spec))
+    join, group, peak_file = None, None, None
+    if cap_gb is not None:
+        group, peak_file = memory_cgroup(cap_gb)
+        # drop the page cache, so the checkpoint's pages are read (and charged) inside the cap
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+        def join():
+            (group / ("tasks" if peak_file.startswith("memory.max_usage") else
+                      "cgroup.procs")).write_text(str(os.getpid()))
     proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, preexec_fn=join)
     sys.stderr.write(proc.stderr[-4000:])
     if proc.returncode != 0:
         return {"dtype": dtype, "weight_bytes": weight_bytes,
                 "error": (proc.stderr.strip().splitlines() or ["killed"])[-1]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if cap_gb is not None:
+        result["memory_cap_gb"] = cap_gb
+        result["cgroup_peak_gb"] = round(int((group / peak_file).read_text()) / 1e9, 3)
+        result["weights_x_cap"] = round(weight_bytes / 1e9 / cap_gb, 3)
     peak = max((s["peak_rss_x_weights"] for s in result["steps"]
                 if s.get("step") != "reload" and "peak_rss_x_weights" in s), default=None)
     result["targets"] = {
@@ -207,6 +247,10 @@ def main() -> None:
     parser.add_argument("--onnx-target", default="ort", help="'' to skip the ONNX export")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
+    parser.add_argument("--memory-cap-gb", type=float, default=None,
+                        help="also run the first dtype inside a memory cgroup of this many GB "
+                        "(page cache included; needs root): a model larger than the memory "
+                        "the process may use")
     parser.add_argument("--out", default="benchmarks/results/scale.json")
     opts = parser.parse_args()
 
@@ -221,6 +265,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=opts.workdir) as tmp:
         for dtype in [d for d in opts.dtypes.split(",") if d]:
             doc["runs"].append(run_dtype(opts, dtype, Path(tmp)))
+            atomic_file(Path(opts.out), json.dumps(doc, indent=1) + "\n")
+        if opts.memory_cap_gb:
+            dtype = opts.dtypes.split(",")[0]
+            doc["capped"] = run_dtype(opts, dtype, Path(tmp) / "capped", opts.memory_cap_gb)
             atomic_file(Path(opts.out), json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc, indent=1))
 

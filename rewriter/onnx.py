@@ -17,6 +17,11 @@ Decoders with a KV cache (causal LMs; see rewriter.decoder):
     sess = rwonnx.session("out/decoder.onnx")
     tokens = rwonnx.generate(sess, prompt_ids, max_new_tokens=32)      # greedy
 
+Weights over 1.5 GiB (or any, with ``external_data=True``) go to ``<path>.data`` beside the
+model (protobuf's 2 GiB limit). The export keeps the program's dtype: float16 runs in ONNX
+Runtime's CPU provider; bfloat16 is valid ONNX, but that provider has no bfloat16 kernels and
+`session` says so in one line (export a float16 or float32 program instead).
+
 Inputs input_ids [batch, sequence], past_key_<n>/past_value_<n> [batch, Hkv, past_sequence,
 D]; outputs logits and present_key_<n>/present_value_<n>. With target "ort", ONNX Runtime's
 GroupQueryAttention takes several new tokens after a non-empty cache only at batch 1
