@@ -23,12 +23,14 @@ ratio; bytes on disk of the saved directory (and of each file in it) and of the 
 data, with ratios.
 Targets (issue #15): saved directory <= 1.1x the weight bytes; peak RSS through the ONNX export
 <= 1.5x. ``--memory-cap-gb X`` repeats the first dtype in a memory cgroup capped at X GB (page
-cache included, dropped first so the checkpoint is read inside the cap; needs root): with X
-below the weight bytes, the run shows a model larger than the memory the process may use
-converted and exported, since every stage reads weights lazily (transformers and safetensors
-map the files) and writes them one tensor at a time. "reload" also checks that the reloaded
-program's logits equal the saved program's, bit for bit. A step that fails records its
-one-line error and ends that dtype's run. Writes JSON after each dtype; asserts nothing.
+cache included, dropped first so the checkpoint is read inside the cap; needs root), once per
+``--capped-variants`` spec: with X below the weight bytes, each run shows a model larger than
+the memory the process may use converted and exported, since every stage reads weights lazily
+(transformers and safetensors map the files), calibration runs one layer block at a time
+(rewriter.passes.sequential) and outputs are written one tensor at a time. "reload" also
+checks that the reloaded program's logits equal the saved program's, bit for bit. A step that
+fails records its one-line error and ends that dtype's run. Writes JSON after each dtype;
+asserts nothing.
 """
 
 # ruff: noqa: E402  (the sys.path fix below must run before the imports)
@@ -251,6 +253,9 @@ def main() -> None:
                         help="also run the first dtype inside a memory cgroup of this many GB "
                         "(page cache included; needs root): a model larger than the memory "
                         "the process may use")
+    parser.add_argument("--capped-variants", default="gqa:kv-heads=2,merge=mean|gqa:kv-heads=2",
+                        help="'|'-separated specs, each run once inside the cap (default: the "
+                        "static mean merge and the calibrated fit, which runs layer by layer)")
     parser.add_argument("--out", default="benchmarks/results/scale.json")
     opts = parser.parse_args()
 
@@ -267,9 +272,12 @@ def main() -> None:
             doc["runs"].append(run_dtype(opts, dtype, Path(tmp)))
             atomic_file(Path(opts.out), json.dumps(doc, indent=1) + "\n")
         if opts.memory_cap_gb:
-            dtype = opts.dtypes.split(",")[0]
-            doc["capped"] = run_dtype(opts, dtype, Path(tmp) / "capped", opts.memory_cap_gb)
-            atomic_file(Path(opts.out), json.dumps(doc, indent=1) + "\n")
+            dtype, doc["capped"] = opts.dtypes.split(",")[0], []
+            for i, variant in enumerate(opts.capped_variants.split("|")):
+                capped = argparse.Namespace(**{**vars(opts), "variant": variant})
+                doc["capped"].append({"variant": variant, **run_dtype(
+                    capped, dtype, Path(tmp) / f"capped{i}", opts.memory_cap_gb)})
+                atomic_file(Path(opts.out), json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc, indent=1))
 
 
