@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -187,17 +188,30 @@ def memory_cgroup(cap_gb: float) -> tuple[Path, str]:
     return group, "memory.peak"
 
 
-def run_dtype(opts, dtype: str, workdir: Path, cap_gb: float | None = None) -> dict:
+def checkpoint_for(opts, dtype: str, workdir: Path) -> tuple[Path, int]:
+    """The random checkpoint of --config in ``dtype`` (made once); (path, weight bytes)."""
     checkpoint = workdir / f"hf-{opts.config}-{dtype}"
-    t0 = time.perf_counter()
-    made = subprocess.run([sys.executable, __file__, "--make", opts.config, dtype,
-                           str(checkpoint)], capture_output=True, text=True, check=True)
-    weight_bytes = int(made.stdout.strip().splitlines()[-1])
-    print(f"{dtype}: checkpoint {weight_bytes / 1e9:.2f} GB written in "
-          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    size_file = checkpoint / "weight_bytes"
+    if not size_file.is_file():
+        t0 = time.perf_counter()
+        made = subprocess.run([sys.executable, __file__, "--make", opts.config, dtype,
+                               str(checkpoint)], capture_output=True, text=True)
+        if made.returncode != 0:
+            raise RuntimeError(f"making the {dtype} checkpoint failed: "
+                               f"{(made.stderr.strip().splitlines() or ['?'])[-1]}")
+        size_file.write_text(made.stdout.strip().splitlines()[-1])
+        print(f"{dtype}: checkpoint {int(size_file.read_text()) / 1e9:.2f} GB written in "
+              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return checkpoint, int(size_file.read_text())
+
+
+def run_dtype(opts, dtype: str, workdir: Path, cap_gb: float | None = None) -> dict:
+    """One run in a fresh subprocess; its outputs are measured, then deleted (disk space)."""
+    checkpoint, weight_bytes = checkpoint_for(opts, dtype, workdir)
+    out = workdir / (f"out-{dtype}" + ("" if cap_gb is None else "-capped"))
     spec = {"checkpoint": str(checkpoint), "dtype": dtype, "variant": opts.variant,
             "onnx_target": opts.onnx_target, "threads": opts.threads,
-            "weight_bytes": weight_bytes, "workdir": str(workdir / f"out-{dtype}")}
+            "weight_bytes": weight_bytes, "workdir": str(out)}
     spec_path = workdir / f"spec-{dtype}.json"
     spec_path.write_text(json.dumps(spec))
     join, group, peak_file = None, None, None
@@ -213,9 +227,14 @@ def run_dtype(opts, dtype: str, workdir: Path, cap_gb: float | None = None) -> d
     proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)],
                           capture_output=True, text=True, preexec_fn=join)
     sys.stderr.write(proc.stderr[-4000:])
+    shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
-        return {"dtype": dtype, "weight_bytes": weight_bytes,
-                "error": (proc.stderr.strip().splitlines() or ["killed"])[-1]}
+        last = [line for line in proc.stderr.strip().splitlines() if line.startswith("  ")]
+        why = (f"killed by signal {-proc.returncode}" + (" (out of memory)" if
+                                                         proc.returncode == -9 else "")
+               if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["?"])[-1])
+        return {"dtype": dtype, "weight_bytes": weight_bytes, "error": why,
+                "last_step_done": last[-1].strip() if last else None}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if cap_gb is not None:
         result["memory_cap_gb"] = cap_gb
@@ -273,10 +292,10 @@ def main() -> None:
             atomic_file(Path(opts.out), json.dumps(doc, indent=1) + "\n")
         if opts.memory_cap_gb:
             dtype, doc["capped"] = opts.dtypes.split(",")[0], []
-            for i, variant in enumerate(opts.capped_variants.split("|")):
+            for variant in opts.capped_variants.split("|"):
                 capped = argparse.Namespace(**{**vars(opts), "variant": variant})
                 doc["capped"].append({"variant": variant, **run_dtype(
-                    capped, dtype, Path(tmp) / f"capped{i}", opts.memory_cap_gb)})
+                    capped, dtype, Path(tmp), opts.memory_cap_gb)})
                 atomic_file(Path(opts.out), json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc, indent=1))
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from rewriter.ir.graph import canonical_nodes, copy_graph, graph_module_over
 from rewriter.passes.base import PassContext
+from rewriter.passes.parallel import shard
 
 if TYPE_CHECKING:
     from rewriter.ir.program import GraphProgram as Program
@@ -51,14 +52,18 @@ def instrumented(program: Program) -> torch.nn.Module:
     return graph_module_over(gm, graph)
 
 
-def calibrate(program: Program, ctx: PassContext, observer: Observer, task: str) -> None:
-    """Run every calibration batch with ``observer`` watching each site."""
+def calibrate(program: Program, ctx: PassContext, observer: Observer, task: str, *,
+              data_parallel: bool = False) -> int:
+    """Run every calibration batch with ``observer`` watching each site; returns how many
+    ran here. ``data_parallel``: only this process's share under torch.distributed
+    (rewriter.passes.parallel); the caller then sums its statistics with `all_sum`."""
     module = instrumented(program)
-    batches = ctx.batches(program)
+    batches = shard(ctx.batches(program)) if data_parallel else ctx.batches(program)
     with torch.no_grad(), observing(observer):
         for i, (args, kwargs) in enumerate(batches):
             module(*args, **kwargs)
             ctx.report(task, i + 1, len(batches))
+    return len(batches)
 
 
 def default_output(q, k, v, attn_mask, attrs) -> Tensor:

@@ -30,6 +30,7 @@ from rewriter.ir.specs import Key, Spec, choice
 from rewriter.passes.base import PassContext, PassResult
 from rewriter.passes.heads import OutWeights, rebuild_site, site_heads
 from rewriter.passes.observe import calibrate, default_output, instrumented, observing
+from rewriter.passes.parallel import all_sum, shard
 from rewriter.passes.registry import variant
 
 
@@ -168,7 +169,8 @@ def mean_head_outputs(program, ctx: PassContext, wanted: set[int]) -> dict[int, 
             counts[site] = counts.get(site, 0) + out.shape[0] * out.shape[2]
         return out
 
-    calibrate(program, ctx, observer, "prune-heads: mean head outputs")
+    calibrate(program, ctx, observer, "prune-heads: mean head outputs", data_parallel=True)
+    all_sum(sums, counts)
     return {i: sums[i] / counts[i] for i in sums}
 
 
@@ -214,7 +216,8 @@ def activation_scores(program, ctx: PassContext) -> dict[int, torch.Tensor]:
             tokens[site] = tokens.get(site, 0) + out.shape[0] * out.shape[2]
         return out
 
-    calibrate(program, ctx, observer, "prune-heads: activation scores")
+    calibrate(program, ctx, observer, "prune-heads: activation scores", data_parallel=True)
+    all_sum(totals, tokens)
     return {i: totals[i] / tokens[i] for i in totals}
 
 
@@ -227,7 +230,7 @@ def gradient_scores(program, ctx: PassContext) -> dict[int, torch.Tensor]:
         return out * gates[site].view(1, -1, 1, 1).to(out.dtype)
 
     module = instrumented(program)
-    batches = ctx.batches(program)
+    batches = shard(ctx.batches(program))  # under torchrun: this process's share
     with torch.enable_grad(), observing(observer):
         for i, (args, kwargs) in enumerate(batches):
             ids = args[0] if args else kwargs.get("input_ids")
@@ -243,6 +246,7 @@ def gradient_scores(program, ctx: PassContext) -> dict[int, torch.Tensor]:
             for index, grad in zip(gates, grads, strict=True):
                 totals[index] += grad.abs().double()
             ctx.report("prune-heads: gradient scores", i + 1, len(batches))
+    all_sum(totals)
     return totals
 
 

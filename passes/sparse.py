@@ -41,6 +41,7 @@ from rewriter.passes.base import PassContext, PassResult
 from rewriter.passes.heads import site_heads
 from rewriter.passes.neighborhood import neighborhood_masks
 from rewriter.passes.observe import calibrate, default_output
+from rewriter.passes.parallel import all_sum
 from rewriter.passes.registry import variant
 
 
@@ -246,8 +247,11 @@ class SparsePass:
             errors[site] = errors.get(site, 0) + torch.stack(errs).double()
             return default_output(q, k, v, attn_mask, attrs)
 
-        calibrate(program, ctx, observer, "sparse heads=auto: masking error")
-        n_batches = len(ctx.batches(program))
+        n_batches = calibrate(program, ctx, observer, "sparse heads=auto: masking error",
+                              data_parallel=True)
+        counts = {"batches": n_batches}
+        all_sum(errors, counts)
+        n_batches = counts["batches"]
         # options per KV head: 0 = full (loses nothing, density 1), i+1 = windows[i]
         density = torch.tensor([1.0] + [m.density(length, length, causal=True)
                                          for m in patterns])
