@@ -33,6 +33,7 @@ from rewriter.errors import SpecError
 from rewriter.ir.graph import cleanup, copy_graph, graph_module_over, remove_unused_attributes
 from rewriter.ir.specs import Key, Spec, choice, int_set
 from rewriter.passes.base import PassContext, PassResult
+from rewriter.passes.parallel import all_sum, shard
 from rewriter.passes.registry import variant
 
 aten = torch.ops.aten
@@ -215,11 +216,12 @@ def cosine_scores(program, ctx: PassContext, adds) -> dict[int, float]:
         return branch
 
     module = tapped(program, adds)
-    batches = ctx.batches(program)
+    batches = shard(ctx.batches(program))  # under torchrun: this process's share
     with torch.no_grad(), tapping(tap):
         for i, (args, kwargs) in enumerate(batches):
             module(*args, **kwargs)
             ctx.report("drop-attn: cosine scores", i + 1, len(batches))
+    all_sum(totals, tokens)
     return {i: totals[i] / max(tokens[i], 1) for i in adds}
 
 
@@ -231,7 +233,7 @@ def gradient_scores(program, ctx: PassContext, adds) -> dict[int, float]:
         return branch * gates[site].to(branch.dtype)
 
     module = tapped(program, adds)
-    batches = ctx.batches(program)
+    batches = shard(ctx.batches(program))
     with torch.enable_grad(), tapping(tap):
         for i, (args, kwargs) in enumerate(batches):
             ids = args[0] if args else kwargs.get("input_ids")
@@ -244,6 +246,7 @@ def gradient_scores(program, ctx: PassContext, adds) -> dict[int, float]:
             for index, grad in zip(gates, grads, strict=True):
                 totals[index] += abs(float(grad))
             ctx.report("drop-attn: gradient scores", i + 1, len(batches))
+    all_sum(totals)
     return totals
 
 

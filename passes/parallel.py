@@ -8,8 +8,9 @@ fixed order), so every process makes the same choices and writes the same weight
 process would, to rounding. Without a process group everything is local and unchanged.
 
 Passes that sum per-batch statistics opt in: prune-heads (gradient, activation, mean head
-outputs for compensation) and sparse heads=auto. The others (gqa fit, share layers=auto,
-drop-attn scores, heal) still run every batch on every process: same result, no speed-up."""
+outputs for compensation), sparse heads=auto and drop-attn (cosine, gradient scores). The
+others (gqa fit, share layers=auto, heal) still run every batch on every process: same result,
+no speed-up."""
 
 from __future__ import annotations
 
@@ -36,18 +37,18 @@ def shard(batches: Sequence[T]) -> list[T]:
 
 
 def all_sum(stats: dict, counts: dict | None = None) -> None:
-    """Sum, in place and over all processes, every tensor in ``stats`` (keys visited in
-    sorted order, so all processes issue the same all_reduce calls) and every number in
-    ``counts``. Every process must hold the same keys."""
+    """Sum, in place and over all processes, every value (tensor or number) in ``stats`` and
+    ``counts`` (keys visited in sorted order, so all processes issue the same all_reduce
+    calls). Every process must hold the same keys."""
     if world()[1] == 1:
         return
     dist = torch.distributed
-    for key in sorted(stats):
-        value = stats[key]
-        tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        stats[key] = tensor
-    for key in sorted(counts or {}):
-        total = torch.tensor(float(counts[key]), dtype=torch.float64)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        counts[key] = total.item()
+    for table in (stats, counts or {}):
+        for key in sorted(table):
+            value = table[key]
+            if isinstance(value, torch.Tensor):
+                dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            else:  # a Python number: summed in float64, given back as a number
+                total = torch.tensor(float(value), dtype=torch.float64)
+                dist.all_reduce(total, op=dist.ReduceOp.SUM)
+                table[key] = total.item()

@@ -26,7 +26,8 @@ def test_single_process_is_local():
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["prune-heads:ratio=0.5,score=gradient",
                                   "prune-heads:ratio=0.5,score=activation",
-                                  "sparse:heads=auto,window=4,density=0.5,ctx=12"])
+                                  "sparse:heads=auto,window=4,density=0.5,ctx=12",
+                                  "drop-attn:ratio=0.5,score=cosine"])
 def test_two_processes_write_the_weights_of_one(tmp_path, spec):
     from safetensors.torch import load_file
 
