@@ -83,13 +83,13 @@ def save_program(program, path, *, force: bool = False, verification=None,
                                      kwargs=program.example_kwargs, strict=False,
                                      dynamic_shapes=shapes)
         fits, reason = hf_expressible(program)
+        expected = hf_state(program) if fits else {}
         # tied tensors are stored under the name transformers expects, where hf/ is written
-        order = [*(hf_state(program) if fits else {}), *program.module.state_dict()]
-        weights, aliases = stored_tensors(ep, order)
+        weights, aliases = stored_tensors(ep, [*expected, *program.module.state_dict()])
         in_hf: set[str] = set()
         if fits:
             try:
-                in_hf = write_hf(program, tmp / "hf", weights)
+                in_hf = write_hf(program, tmp / "hf", weights, expected)
             except RewriterError as exc:  # program.pt2 and weights.safetensors stand without
                 shutil.rmtree(tmp / "hf", ignore_errors=True)
                 fits, reason = False, first_line(exc)
@@ -117,8 +117,7 @@ def save_program(program, path, *, force: bool = False, verification=None,
 def stored_tensors(ep, order: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors an ExportedProgram holds, each once: ({file name: tensor}, {alias: file
     name}) where names sharing one tensor (tied weights) store it under the one that comes
-    first in ``order`` (the module's: a model's input embedding before its LM head, as
-    transformers stores them)."""
+    first in ``order`` (names missing from it last)."""
     rank: dict[str, int] = {}
     for name in order:
         rank.setdefault(name, len(rank))

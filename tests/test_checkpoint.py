@@ -160,7 +160,7 @@ def test_hf_that_cannot_be_written_does_not_sink_the_save(tmp_path, llama, monke
     """program.pt2 is the result; an hf/ the writer refuses is reported, not fatal."""
     import rewriter.checkpoint as ckpt
 
-    def refuse(program, directory, weights):
+    def refuse(program, directory, weights, expected):
         directory.mkdir()
         (directory / "partial").write_text("x")
         raise rw.RewriterError("cannot write hf/: no room for it")

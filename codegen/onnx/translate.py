@@ -14,8 +14,10 @@ Ops, by target:
           com.microsoft.MultiHeadAttention for the rest when Hq == Hkv and there is no softcap;
           the standard Attention op otherwise.
     both  "banded" (banded.py, standard ops) for causal self-attention with a static sink +
-          window MaskSpec (one window for all heads) unless "decomposed" is asked for: only
-          the keys a block of queries may read are gathered, no S x S mask or scores. Also
+          window MaskSpec (one window, or one per head without full heads; a table mixing
+          full and windowed KV heads is split, the full part on GroupQueryAttention or
+          Attention) unless "decomposed" is asked for: only the keys a block of queries may
+          read are gathered, no S x S mask or scores. Also
           for a plain window on "ort": GroupQueryAttention's local_window_size was slower on
           ONNX Runtime's CPU kernel, which still computes the causal scores (banded.py).
 
@@ -158,9 +160,9 @@ def _causal(node, site) -> bool:
 
 
 def _split_choice(node, site, target: str) -> tuple[str, str] | None:
-    """A causal self-attention site whose per-head table gives whole KV heads one window each
-    (sparse:heads=auto): one op per part, full parts on the target's causal op and windowed
-    parts banded, instead of every head paying for a dense S x S bias."""
+    """A causal self-attention site whose per-head table makes whole KV heads full or windowed
+    (sparse:heads=auto): the full part on the target's causal op and the windowed part banded
+    (each head its own window), instead of every head paying for a dense S x S bias."""
     q, k, v = (a.meta["val"] for a in node.args[:3])
     spec = parse_sparsity(node.kwargs.get("sparsity", ""))
     if not (isinstance(spec, MaskSpec) and _causal_self(node, site, 1)):

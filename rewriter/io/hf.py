@@ -59,12 +59,13 @@ def hf_state(program) -> dict[str, torch.Tensor]:
         return transformers.AutoModelForCausalLM.from_config(_config(program)).state_dict()
 
 
-def write_hf(program, directory: Path, weights: dict[str, torch.Tensor]) -> set[str]:
+def write_hf(program, directory: Path, weights: dict[str, torch.Tensor],
+             expected: dict[str, torch.Tensor]) -> set[str]:
     """Write ``directory`` as a transformers checkpoint of the program: config, tokenizer,
     and ``model.safetensors`` holding those of ``weights`` (name -> tensor, each tensor once)
-    that the architecture takes, streamed. Returns the names written there."""
+    that the architecture takes (``expected``: `hf_state`), streamed. Returns the names
+    written there."""
     config = _config(program)
-    expected = hf_state(program)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = [n for n in expected if n not in weights and n not in tied
                and "rotary_emb" not in n]

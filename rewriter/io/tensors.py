@@ -4,7 +4,7 @@
 (twice the weights in memory); `write_safetensors` writes the same format (an 8-byte header
 length, a JSON header of dtype/shape/offsets, then the raw little-endian data) straight from each
 tensor's memory, so saving a model needs no second copy. Reading goes through the safetensors
-library (`read_safetensors`, `tensor_names`), one tensor at a time."""
+library (`read_safetensors`), one tensor at a time."""
 
 from __future__ import annotations
 
@@ -51,13 +51,6 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
             for start in range(0, len(data), CHUNK):
                 f.write(memoryview(data[start:start + CHUNK]))
     return offset
-
-
-def tensor_names(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
 
 
 def read_safetensors(path: Path, names: Iterable[str] | None = None

@@ -190,8 +190,8 @@ def attention(
 
 
 def _head_parts(sparsity: str, hq: int, hkv: int) -> list[tuple[list, list, str]] | None:
-    """A per-head table of whole KV heads (sparse:heads=auto's output) as parts with one
-    window each (MaskSpec.kv_head_parts): full heads then run SDPA's causal kernel and
+    """A per-head table of whole KV heads (sparse:heads=auto's output) as a full part and a
+    windowed part (MaskSpec.kv_head_parts): full heads then run SDPA's causal kernel and
     windowed ones the block-sparse path, instead of all heads paying for a masked dense call.
     None when there is nothing to split."""
     if is_topk(sparsity):
