@@ -42,6 +42,7 @@ from rewriter.passes.heads import (
     site_heads,
 )
 from rewriter.passes.observe import default_output
+from rewriter.passes.parallel import all_sum, gather, shard
 from rewriter.passes.registry import variant
 from rewriter.passes.sequential import Sequential
 from rewriter.passes.surgery import nodes_between, trace_input
@@ -55,6 +56,14 @@ KEYS = {
 }
 
 MAX_CALIBRATION_TOKENS = 2048  # per site, for the fit statistics and the fit-vs-mean check
+
+
+def _calibration_loss(program, reference, batches) -> float:
+    """`calibration_loss` over all batches; under torchrun each process runs its share."""
+    mine = shard(batches)
+    sums = {"loss": calibration_loss(program, reference, mine) * len(mine), "count": len(mine)}
+    all_sum(sums)
+    return sums["loss"] / max(sums["count"], 1)
 
 
 def _divisors(n: int) -> set[int]:
@@ -93,8 +102,8 @@ class GqaPass:
             # Keep the fitted merge only if it also wins end to end on the calibration data.
             mean = self._convert(source, todo, acts, fit=False)
             batches = ctx.batches(source)
-            loss_fit = calibration_loss(program, source, batches)
-            loss_mean = calibration_loss(mean, source, batches)
+            loss_fit = _calibration_loss(program, source, batches)
+            loss_mean = _calibration_loss(mean, source, batches)
             counts["calibration_loss"] = {"fit": loss_fit, "mean": loss_mean}
             if loss_mean < loss_fit:
                 program, chosen = mean, {i: "mean" for i in chosen}
@@ -115,11 +124,14 @@ class GqaPass:
     def _sequential(self, source, todo: set[int], ctx: PassContext, fit: bool):
         """Merge layer by layer (rewriter.passes.sequential): the statistics of a site are
         collected on the inputs that the already merged layers before it produce, so each fit
-        also absorbs the error upstream. Returns (program, merge chosen per site, statistics)."""
+        also absorbs the error upstream. Returns (program, merge chosen per site, statistics).
+        Under torchrun each process runs its share of the batches and the statistics are
+        gathered (rewriter.passes.parallel), so every process fits the same maps."""
         program = source.clone()
         batches = ctx.batches(source)
         seq = Sequential(program.module, program.sites)
-        envs = [seq.start(a, k) for a, k in batches]
+        mine = shard(range(len(batches)))
+        envs = [seq.start(*batches[b]) for b in mine]
         acts: dict[int, dict] = {}
         chosen: dict[int, str] = {}
         by_index = {s.index: s for s in program.sites}
@@ -128,12 +140,15 @@ class GqaPass:
             for i in range(len(seq)):
                 here = sorted(s for s in todo if seq.segment_of_site[s] == i)
                 if here:
-                    observer = self._observer(set(here), acts)
-                    for env in envs:
+                    running = [0]  # the batch being run, for the observer's records
+                    observer = self._observer(set(here), acts, running)
+                    for b, env in zip(mine, envs, strict=True):
+                        running[0] = b
                         seq.run(env, i, observe=observer)
                     for index in here:
+                        acts[index] = _gathered(acts.get(index, {"batches": []}))
                         chosen[index] = self._convert_site(program, by_index[index],
-                                                           acts.get(index), fit)
+                                                           acts[index], fit)
                     cleanup(program.module)
                     seq = Sequential(program.module, program.sites)
                     ctx.report(f"{self.spec}: layer by layer", layers.index(i) + 1, len(layers))
@@ -169,20 +184,20 @@ class GqaPass:
 
     # --- calibration statistics -------------------------------------------------------
 
-    def _observer(self, wanted: set[int], stats: dict):
+    def _observer(self, wanted: set[int], stats: dict, running: list[int]):
         """An observer recording, per site in ``wanted``: q [B, H, S, D], k, v [B, Hkv, S, D]
         (post-positional, as the core sees them), the mask, the attributes and the per-head
-        attention output, over up to MAX_CALIBRATION_TOKENS query tokens."""
+        attention output, over up to MAX_CALIBRATION_TOKENS query tokens; each record names
+        its batch (``running[0]``)."""
 
         def observer(site, q, k, v, attn_mask, attrs):
             out = default_output(q, k, v, attn_mask, attrs)
             if site in wanted:
                 entry = stats.setdefault(site, {"batches": []})
-                have = sum(b["q"].shape[0] * b["q"].shape[2] for b in entry["batches"])
-                if have < MAX_CALIBRATION_TOKENS:
+                if _tokens(entry["batches"]) < MAX_CALIBRATION_TOKENS:
                     entry["batches"].append({"q": q.float(), "k": k.float(), "v": v.float(),
                                              "mask": attn_mask, "attrs": attrs,
-                                             "out": out.float()})
+                                             "out": out.float(), "batch": running[0]})
             return out
 
         return observer
@@ -192,6 +207,23 @@ class GqaPass:
         if self.spec.params["grouping"] == "contiguous" or size == 1:
             return [list(range(j * size, (j + 1) * size)) for j in range(n)]
         return similarity_groups(acts, site.num_kv_heads, size)
+
+
+def _tokens(records: list[dict]) -> int:
+    return sum(r["q"].shape[0] * r["q"].shape[2] for r in records)
+
+
+def _gathered(stats: dict) -> dict:
+    """A site's records from every process, in batch order, cut where one process running
+    every batch would have stopped recording. Each process stops only after it holds every
+    one of its batches that the single process records, so nothing the cut keeps is
+    missing."""
+    kept: list[dict] = []
+    for record in sorted(gather(stats["batches"]), key=lambda r: r["batch"]):
+        if _tokens(kept) >= MAX_CALIBRATION_TOKENS:
+            break
+        kept.append(record)
+    return {"batches": kept} if kept else {}
 
 
 def key_fit_kind(program, site) -> str:

@@ -1,7 +1,7 @@
 """``heal``: train a rewritten program back toward the program before the rewrite (the teacher).
 
     heal[:tokens=N|steps=N|minutes=M][,objective=local|kd|local+kd]
-        [,params=rewritten|attention|lora:R][,lr=X][,seed=N]
+        [,params=rewritten|attention|lora:R][,lr=X][,seed=N][,batch=N]
 
 objective
   local     layer by layer, through the sequential engine (rewriter.passes.sequential): each
@@ -24,6 +24,11 @@ budget (one of them; default tokens=32k)
   steps=N    optimizer steps (one calibration window each), split likewise
   minutes=M  wall-clock minutes, split likewise (the only budget that is not deterministic)
 
+batch=N    calibration windows per optimizer step (default 1), their gradients averaged. Under
+           torchrun (rewriter.passes.parallel) a step's windows are split over the processes
+           and DistributedDataParallel averages the gradients, so N must be a multiple of the
+           number of processes and the run trains the weights one process would.
+
 Adam, gradients clipped to norm 1, seeded. A block (or the kd phase) whose error is already at
 rounding level is not trained, so healing an exact rewrite changes nothing. The healed program
 has the same graph and parameter shapes: save, hf/, ONNX export and decoders work unchanged.
@@ -44,6 +49,7 @@ from rewriter.errors import SpecError
 from rewriter.ir.graph import fetch_attr, set_attr
 from rewriter.ir.specs import Key, Spec, choice, non_negative_int, positive_int
 from rewriter.passes.base import PassContext, PassResult, is_rewritten
+from rewriter.passes.parallel import all_sum, any_rank, distributed, world
 from rewriter.passes.registry import variant
 from rewriter.passes.sequential import Sequential, align, check_aligned
 from rewriter.passes.trainable import Trainable, projection_tensors, rewritten_sites
@@ -98,6 +104,7 @@ KEYS = {
                   default=("rewritten", None), metavar="rewritten|attention|lora:R"),
     "lr": Key(_lr, "a positive learning rate", metavar="X"),
     "seed": Key(non_negative_int, "an integer >= 0", default=0, metavar="N"),
+    "batch": Key(positive_int, "a positive integer", default=1, metavar="N"),
 }
 
 
@@ -128,7 +135,7 @@ class Budget:
          "original (layer-wise output matching, then next-token KL) on calibration text; same "
          "graph and parameter shapes afterwards",
          usage=("heal[:tokens=N|steps=N|minutes=M][,objective=local|kd|local+kd]"
-                "[,params=rewritten|attention|lora:R][,lr=X][,seed=N]",))
+                "[,params=rewritten|attention|lora:R][,lr=X][,seed=N][,batch=N]",))
 class HealPass:
     name = "heal"
 
@@ -142,6 +149,7 @@ class HealPass:
         self.budget = Budget(kind, p[kind] if given else DEFAULT_TOKENS)
         self.params, self.rank = p["params"]
         self.lr = p["lr"] or LR["lora" if self.rank else "full"]
+        self.batch = p["batch"]
 
     def run(self, program, ctx: PassContext) -> PassResult:
         teacher = ctx.teacher
@@ -152,6 +160,11 @@ class HealPass:
             raise SpecError(f"spec {self.spec}: the program before the rewrite is not at hand "
                             "(a program loaded from disk does not keep it): rewrite and heal "
                             "in one call")
+        processes = world()[1]
+        if self.batch % processes:
+            raise SpecError(f"spec {self.spec}: batch={self.batch} windows per step cannot be "
+                            f"split over {processes} processes; give batch= a multiple of "
+                            f"{processes}")
         sites = rewritten_sites(program, teacher)
         if self.params == "attention":
             names = projection_tensors(program, [s.index for s in program.sites])
@@ -190,8 +203,8 @@ class HealPass:
         return PassResult(healed, changed, {"heal": log})
 
     def _windows_needed(self, phases: int) -> int:
-        per_phase = self.budget.share(phases).steps_hint(512)
-        return min(MAX_WINDOWS, per_phase or MAX_WINDOWS)
+        per_phase = self.budget.share(phases).steps_hint(512 * self.batch)
+        return min(MAX_WINDOWS, per_phase * self.batch if per_phase else MAX_WINDOWS)
 
     # --- local: block by block --------------------------------------------------------------
 
@@ -204,9 +217,9 @@ class HealPass:
             else list(range(len(student_seq)))
         trainable_in = {i: student_seq.attributes(i) & set(trained.names) for i in blocks}
         blocks = [i for i in blocks if trainable_in[i]]
-        hint = budget.steps_hint(_tokens(batches[0]))
-        # a block trains on at most `hint` windows: carry no more activations than that
-        batches = batches[:min(len(batches), hint or LOCAL_WINDOWS)]
+        hint = budget.steps_hint(_tokens(batches[0]) * self.batch)
+        # a block trains on at most `hint` steps of windows: carry no more activations
+        batches = batches[:min(len(batches), hint * self.batch if hint else LOCAL_WINDOWS)]
         task = f"{self.spec}: local"
         total = hint * len(blocks) if hint else int(budget.amount * 60)
         s_envs = [student_seq.start(a, k) for a, k in batches]
@@ -273,22 +286,33 @@ class HealPass:
     def _train(self, params: list, loss_on: Callable[[int], torch.Tensor], sizes: list[int],
                budget: Budget, generator: torch.Generator,
                progress: Callable[[int, list[float]], None]) -> tuple[int, int, list[float]]:
-        """Adam on ``params`` over the windows (``sizes`` tokens each) in a seeded order until
-        ``budget`` is spent, gradients clipped to norm 1; ``progress(steps, losses)`` after
-        each step. Returns the steps, the tokens and the losses."""
+        """Adam on ``params`` over the windows (``sizes`` tokens each), ``batch`` windows a
+        step in a seeded order, until ``budget`` is spent; gradients clipped to norm 1;
+        ``progress(steps, losses)`` after each step. Under torchrun each process runs its
+        share of a step's windows and DDP averages the gradients. Returns the steps, the
+        tokens and the mean window loss of each step."""
+        rank, processes = world()
+
+        def step_loss(windows: list[int]) -> torch.Tensor:
+            # DDP averages over processes: scaled so the gradient is the mean over the step
+            return sum(loss_on(b) for b in windows) * (processes / self.batch)
+
+        objective = distributed(params, step_loss)
         opt = torch.optim.Adam(params, lr=self.lr)
         order = _order(len(sizes), generator)
         steps, tokens, losses, t0 = 0, 0, [], time.perf_counter()
-        while not budget.spent(steps, tokens, time.perf_counter() - t0):
-            b = order[steps % len(order)]
-            loss = loss_on(b)
+        while not any_rank(budget.spent(steps, tokens, time.perf_counter() - t0)):
+            windows = [order[(steps * self.batch + j) % len(order)] for j in range(self.batch)]
+            loss = objective(windows[rank::processes])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            losses.append(float(loss.detach()))
+            mean = {"loss": float(loss.detach()) / processes}
+            all_sum(mean)
+            losses.append(mean["loss"])
             steps += 1
-            tokens += sizes[b]
+            tokens += sum(sizes[b] for b in windows)
             progress(steps, losses)
         return steps, tokens, losses
 
@@ -298,7 +322,7 @@ class HealPass:
             ctx: PassContext, generator) -> dict:
         seq = Sequential(program.module, program.sites)
         task = f"{self.spec}: kd"
-        hint = budget.steps_hint(_tokens(batches[0]))
+        hint = budget.steps_hint(_tokens(batches[0]) * self.batch)
         total = hint or int(budget.amount * 60)
 
         def loss_on(b: int) -> torch.Tensor:

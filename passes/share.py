@@ -22,6 +22,7 @@ from rewriter.ir.ops import reference_probs
 from rewriter.ir.specs import Key, Spec, choice, positive_int
 from rewriter.passes.base import PassContext, PassResult
 from rewriter.passes.observe import calibrate, default_output
+from rewriter.passes.parallel import all_sum
 from rewriter.passes.registry import variant
 
 KEYS = {
@@ -140,15 +141,25 @@ class SharePass:
                 feats.setdefault(order[site], []).append(f.flatten(0, 1))  # [B*H, features]
             return default_output(q, k, v, attn_mask, attrs)
 
-        calibrate(program, ctx, observer, f"{self.name} layers=auto: similarity")
+        calibrate(program, ctx, observer, f"{self.name} layers=auto: similarity",
+                  data_parallel=True)
+        # summed over rows (and, under torchrun, processes): the mean is taken after all_sum
         n = len(sites)
-        stacked = [torch.cat(feats[i]) for i in range(n)]
-        cost = torch.zeros(n, n)
+        stacked = [torch.cat(feats[i]) if i in feats else None for i in range(n)]
+        sums = {"cosine": torch.zeros(n, n, dtype=torch.float64),
+                "rows": torch.zeros(n, n, dtype=torch.float64),
+                "incompatible": torch.zeros(n, n, dtype=torch.float64)}
         for i in range(n):
             for j in range(i + 1, n):
-                if stacked[i].shape != stacked[j].shape:
-                    cost[i, j] = 2.0  # incompatible shapes: never share
+                if stacked[i] is None or stacked[j] is None:  # no batches on this process
                     continue
-                cos = F.cosine_similarity(stacked[i], stacked[j], dim=-1).mean()
-                cost[i, j] = 1.0 - float(cos)
-        return cost
+                if stacked[i].shape != stacked[j].shape:
+                    sums["incompatible"][i, j] = 1.0
+                    continue
+                cos = F.cosine_similarity(stacked[i], stacked[j], dim=-1)
+                sums["cosine"][i, j] = cos.double().sum()
+                sums["rows"][i, j] = cos.numel()
+        all_sum(sums)
+        mean = sums["cosine"] / sums["rows"].clamp_min(1)
+        cost = torch.where(sums["incompatible"] > 0, 2.0, 1.0 - mean).float()
+        return cost.triu(1)

@@ -1,10 +1,11 @@
 """A data-parallel rewrite, run by tests/test_data_parallel.py under torchrun:
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dp_worker.py OUT SPEC
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dp_worker.py OUT SPECS
 
-Every process captures the same zoo model and rewrites it with SPEC on the same calibration
-batches (each process calibrating on its share); rank 0 writes the weights to OUT
-(safetensors)."""
+Every process captures the same zoo model and rewrites it with SPECS (``;``-separated, one
+`rw.rewrite` call each, so a later heal trains toward the program before the first) on the
+same calibration batches (each process calibrating or training on its share); rank 0 writes
+the weights to OUT (safetensors)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ import rewriter as rw  # noqa: E402
 CALIB = [zoo._ids(2, 12, seed=s) for s in range(10, 14)]
 
 
-def rewritten(spec: str) -> rw.Program:
+def rewritten(specs: str) -> rw.Program:
     torch.manual_seed(0)
     prog = rw.capture(zoo.get("llama-sdpa").build(), (zoo._ids(2, 7),), {"use_cache": False})
-    return rw.rewrite(prog, spec, calibration=CALIB)
+    for spec in specs.split(";"):
+        prog = rw.rewrite(prog, spec, calibration=CALIB)
+    return prog
 
 
 def main() -> None:

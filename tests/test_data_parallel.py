@@ -13,6 +13,8 @@ import pytest
 import torch
 from dp_worker import rewritten
 
+import rewriter as rw
+from rewriter.errors import SpecError
 from rewriter.passes.parallel import shard, world
 
 WORKER = Path(__file__).parent / "dp_worker.py"
@@ -23,11 +25,24 @@ def test_single_process_is_local():
     assert shard([1, 2, 3]) == [1, 2, 3]
 
 
+def test_heal_batch_must_split_over_processes(monkeypatch):
+    """batch=N windows per step split over the processes: N must be a multiple of them."""
+    import rewriter.passes.heal as heal
+
+    monkeypatch.setattr(heal, "world", lambda: (0, 2))
+    with pytest.raises(SpecError, match="batch=3 .* 2 processes"):
+        rewritten("gqa:kv-heads=1,merge=mean;heal:steps=1,batch=3")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["prune-heads:ratio=0.5,score=gradient",
                                   "prune-heads:ratio=0.5,score=activation",
                                   "sparse:heads=auto,window=4,density=0.5,ctx=12",
-                                  "drop-attn:ratio=0.5,score=cosine"])
+                                  "drop-attn:ratio=0.5,score=cosine",
+                                  "gqa:kv-heads=1,merge=fit,grouping=similarity",
+                                  "share-kv:group=2,layers=auto",
+                                  "gqa:kv-heads=1,merge=mean;heal:steps=3,batch=2",
+                                  "gqa:kv-heads=1,merge=mean;heal:steps=2,batch=4,params=lora:2"])
 def test_two_processes_write_the_weights_of_one(tmp_path, spec):
     from safetensors.torch import load_file
 
