@@ -275,6 +275,9 @@ def main() -> None:
     parser.add_argument("--capped-variants", default="gqa:kv-heads=2,merge=mean|gqa:kv-heads=2",
                         help="'|'-separated specs, each run once inside the cap (default: the "
                         "static mean merge and the calibrated fit, which runs layer by layer)")
+    parser.add_argument("--capped-only", action="store_true",
+                        help="run only the capped variants; the uncapped runs are kept from "
+                        "--out")
     parser.add_argument("--out", default="benchmarks/results/scale.json")
     opts = parser.parse_args()
 
@@ -286,8 +289,10 @@ def main() -> None:
            "onnx_target": opts.onnx_target, "threads": opts.threads, "torch": torch.__version__,
            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
            "targets": TARGETS, "runs": []}
+    if opts.capped_only and Path(opts.out).is_file():
+        doc["runs"] = json.loads(Path(opts.out).read_text())["runs"]
     with tempfile.TemporaryDirectory(dir=opts.workdir) as tmp:
-        for dtype in [d for d in opts.dtypes.split(",") if d]:
+        for dtype in [d for d in opts.dtypes.split(",") if d and not opts.capped_only]:
             doc["runs"].append(run_dtype(opts, dtype, Path(tmp)))
             atomic_file(Path(opts.out), json.dumps(doc, indent=1) + "\n")
         if opts.memory_cap_gb:

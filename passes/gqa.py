@@ -44,7 +44,7 @@ from rewriter.passes.heads import (
 from rewriter.passes.observe import default_output
 from rewriter.passes.parallel import all_sum, gather, shard
 from rewriter.passes.registry import variant
-from rewriter.passes.sequential import Sequential
+from rewriter.passes.sequential import Sequential, release_memory
 from rewriter.passes.surgery import nodes_between, trace_input
 
 KEYS = {
@@ -93,14 +93,14 @@ class GqaPass:
         calibrated = fit or self.spec.params["grouping"] == "similarity"
         before = sum(s.kv_cache_bytes_per_token() for s in program.sites)
         if calibrated:
-            program, chosen, acts = self._sequential(source, todo, ctx, fit)
+            program, chosen, groups = self._sequential(source, todo, ctx, fit)
         else:
-            program, acts = self._convert(source, todo, {}, fit=False), {}
+            program, groups = self._convert(source, todo, {}), {}
             chosen = {i: "mean" for i in sorted(todo)}
         counts: dict = {"kv_heads": n}
         if "fit" in chosen.values():
             # Keep the fitted merge only if it also wins end to end on the calibration data.
-            mean = self._convert(source, todo, acts, fit=False)
+            mean = self._convert(source, todo, groups)
             batches = ctx.batches(source)
             loss_fit = _calibration_loss(program, source, batches)
             loss_mean = _calibration_loss(mean, source, batches)
@@ -111,12 +111,14 @@ class GqaPass:
         counts.update(merge=chosen, kv_cache_bytes_per_token=[before, after])
         return PassResult(program, bool(todo), counts)
 
-    def _convert(self, source, todo: set[int], acts: dict, fit: bool):
-        """``source`` with every site in ``todo`` merged (statistics from ``acts``)."""
+    def _convert(self, source, todo: set[int], groups: dict[int, list[list[int]]]):
+        """``source`` with every site in ``todo`` mean-merged (KV head groups from ``groups``
+        where given)."""
         program = source.clone()
         for site in program.sites:
             if site.index in todo:
-                self._convert_site(program, site, acts.get(site.index), fit)
+                self._convert_site(program, site, None, fit=False,
+                                   groups=groups.get(site.index))
         # the old projections read parameters that now have new shapes: drop them before running
         cleanup(program.module)
         return program
@@ -134,6 +136,7 @@ class GqaPass:
         envs = [seq.start(*batches[b]) for b in mine]
         acts: dict[int, dict] = {}
         chosen: dict[int, str] = {}
+        groups: dict[int, list[list[int]]] = {}
         by_index = {s.index: s for s in program.sites}
         layers = sorted({seq.segment_of_site[i] for i in todo})
         with torch.no_grad():
@@ -146,21 +149,24 @@ class GqaPass:
                         running[0] = b
                         seq.run(env, i, observe=observer)
                     for index in here:
-                        acts[index] = _gathered(acts.get(index, {"batches": []}))
-                        chosen[index] = self._convert_site(program, by_index[index],
-                                                           acts[index], fit)
+                        stats = _gathered(acts.pop(index, {"batches": []}))
+                        chosen[index], groups[index] = self._convert_site(
+                            program, by_index[index], stats, fit)
                     cleanup(program.module)
                     seq = Sequential(program.module, program.sites)
                     ctx.report(f"{self.spec}: layer by layer", layers.index(i) + 1, len(layers))
                 envs = [seq.run(env, i)[0] for env in envs]
-        return program, chosen, acts
+                release_memory()
+        return program, chosen, groups
 
-    def _convert_site(self, program, site, acts, fit: bool) -> str:
+    def _convert_site(self, program, site, acts, fit: bool,
+                      groups: list[list[int]] | None = None) -> tuple[str, list[list[int]]]:
         """Merge one site's KV heads in place; returns "fit" or "mean", whichever
-        reconstructs its attention output better on ``acts`` (mean without statistics)."""
+        reconstructs its attention output better on ``acts`` (mean without statistics), and
+        the KV head groups (``groups``, or chosen from ``acts``)."""
         n = self.spec.params["kv-heads"]
         heads = site_heads(program.module, site)
-        groups = self._groups(site, n, acts)
+        groups = groups or self._groups(site, n, acts)
         order = [h for grp in groups for h in grp]  # KV heads, group by group
         g = site.kv_group
         q_order = [h * g + i for h in order for i in range(g)]
@@ -179,8 +185,11 @@ class GqaPass:
                 plans, chosen = fitted, "fit"
         merged = apply_plans(heads["q"].select(q_order), heads["k"].select(order),
                              heads["v"].select(order), heads["o"].select(q_order), plans, g)
+        if chosen == "mean" and q_order == sorted(q_order):
+            # a mean merge in head order leaves q and o as they are: keep sharing them
+            merged = {role: merged[role] for role in ("k", "v")}
         rebuild_site(program, site, merged, query_heads=q_order)
-        return chosen
+        return chosen, groups
 
     # --- calibration statistics -------------------------------------------------------
 

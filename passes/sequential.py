@@ -16,6 +16,9 @@ head). Segment i + 1 holds block i.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import inspect
 import re
 from collections.abc import Callable
@@ -156,6 +159,26 @@ class Sequential:
         """The module attributes (weights) segment i reads."""
         return {n.target for node in self.segments[i] for n in node.all_input_nodes
                 if n.op == "get_attr"}
+
+
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def release_memory() -> None:
+    """Give the memory freed by the last layer back to the system (glibc's ``malloc_trim``;
+    nothing elsewhere). Layer-sized temporaries are freed into the heap and, split up and
+    reused for smaller ones, stay resident otherwise: on a 1.1 B model they added 0.3 GB per
+    four layers to a calibrated rewrite that should hold one layer's."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def check_aligned(student: Sequential, teacher: Sequential) -> None:

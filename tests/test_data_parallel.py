@@ -13,7 +13,6 @@ import pytest
 import torch
 from dp_worker import rewritten
 
-import rewriter as rw
 from rewriter.errors import SpecError
 from rewriter.passes.parallel import shard, world
 

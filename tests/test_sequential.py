@@ -103,8 +103,8 @@ def test_gqa_fit_calibrates_layer_by_layer(zoo_captured, monkeypatch):
     events = []
     observer_of, convert_site = gqa.GqaPass._observer, gqa.GqaPass._convert_site
 
-    def spy_observer(self, wanted, stats):
-        inner = observer_of(self, wanted, stats)
+    def spy_observer(self, wanted, stats, running):
+        inner = observer_of(self, wanted, stats, running)
 
         def observer(site, *args):
             if site in wanted:
@@ -113,9 +113,9 @@ def test_gqa_fit_calibrates_layer_by_layer(zoo_captured, monkeypatch):
 
         return observer
 
-    def spy_convert(self, program, site, acts, fit):
+    def spy_convert(self, program, site, acts, fit, groups=None):
         events.append(("merge", site.index))
-        return convert_site(self, program, site, acts, fit)
+        return convert_site(self, program, site, acts, fit, groups)
 
     monkeypatch.setattr(gqa.GqaPass, "_observer", spy_observer)
     monkeypatch.setattr(gqa.GqaPass, "_convert_site", spy_convert)
