@@ -125,3 +125,43 @@ def test_gqa_fit_calibrates_layer_by_layer(zoo_captured, monkeypatch):
     merges = [e for e in events if e[0] == "merge"]
     assert events[:4] == [("observe", 0), ("observe", 0), ("merge", 0), ("observe", 1)]
     assert merges[:2] == [("merge", 0), ("merge", 1)]
+
+
+def test_gqa_fit_holds_one_layers_statistics(zoo_captured, monkeypatch):
+    """A site's recorded activations are dropped once it is merged: when layer 1 is merged,
+    nothing of layer 0's is still held (what lets a model larger than memory calibrate)."""
+    from rewriter.passes import gqa
+
+    c = zoo_captured("llama-sdpa")
+    held, observer_of, convert_site = [], gqa.GqaPass._observer, gqa.GqaPass._convert_site
+    tables = []
+
+    def spy_observer(self, wanted, stats, running):
+        tables.append(stats)
+        return observer_of(self, wanted, stats, running)
+
+    def spy_convert(self, program, site, acts, fit, groups=None):
+        held.append((site.index, sorted(k for t in tables for k in t)))
+        return convert_site(self, program, site, acts, fit, groups)
+
+    monkeypatch.setattr(gqa.GqaPass, "_observer", spy_observer)
+    monkeypatch.setattr(gqa.GqaPass, "_convert_site", spy_convert)
+    calib = [torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(i))
+             for i in range(2)]
+    rw.rewrite(c.prog, "gqa:kv-heads=1,merge=fit", calibration=calib)
+    assert held[:2] == [(0, []), (1, [])]  # each popped before its merge; none left behind
+
+
+def test_mean_merge_shares_query_and_output_weights(zoo_captured):
+    """A mean merge in head order changes only K/V: q and o stay the source's tensors (no
+    copy, so a static merge of a mapped checkpoint stays mapped)."""
+    from rewriter.ir.graph import fetch_attr
+
+    c = zoo_captured("llama-sdpa")
+    new = rw.rewrite(c.prog, "gqa:kv-heads=1,merge=mean")
+    for old, site in zip(c.prog.sites, new.sites, strict=True):
+        for role in ("q", "o"):
+            was = fetch_attr(c.prog.module, getattr(old, f"{role}_proj").weight)
+            now = fetch_attr(new.module, getattr(site, f"{role}_proj").weight)
+            assert now.data_ptr() == was.data_ptr(), (site.index, role)
+        assert fetch_attr(new.module, site.k_proj.weight).shape[0] == site.head_dim
