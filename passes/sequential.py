@@ -112,7 +112,11 @@ class Sequential:
                     w = weights(node.target) if weights is not None else None
                     if w is None:  # frozen: gradients flow only into what ``weights`` gives
                         w = fetch_attr(self.module, node.target)
-                        w = w.detach() if isinstance(w, torch.Tensor) else w
+                        if isinstance(w, torch.Tensor) and torch.is_grad_enabled():
+                            # only then: aten.linear folds a strided 3-D input into one
+                            # matmul only when the weight needs no grad (results 1e-7 apart),
+                            # so without grad the program's own kernels run
+                            w = w.detach()
                     attrs[node.target] = w
                 return attrs[node.target]
             try:
