@@ -37,7 +37,9 @@ def describe_site(match: CoreMatch, index: int) -> AttentionSite:
     positional = q_trace.positional if q_trace.positional == k_trace.positional else \
         f"q:{q_trace.positional},k:{k_trace.positional}"
     notes = [f"{w}: {t.reason}" for w, t in (("q", q_trace), ("k", k_trace), ("v", v_trace))
-             if t.reason]
+             if t.reason] + list(match.notes)
+    if match.alibi:
+        positional = "alibi" if positional == "none" else f"{positional}+alibi"
     path = module_path(match.anchor)
     return AttentionSite(
         index=index, pattern=match.pattern, num_heads=match.num_heads,
@@ -46,7 +48,7 @@ def describe_site(match: CoreMatch, index: int) -> AttentionSite:
         softcap=match.softcap, dropout=match.dropout, kv_expansion=match.kv_expansion,
         positional=positional, cross=cross, module_path=path, layer=layer_index(path),
         q_proj=q_trace.projection, k_proj=k_trace.projection, v_proj=v_trace.projection,
-        o_proj=o_proj, notes=notes,
+        o_proj=o_proj, notes=notes, alibi=tuple(match.alibi),
     )
 
 
@@ -95,10 +97,11 @@ def emit_canonical(match: CoreMatch, emit: Emitter) -> Node:
     with emit.graph.inserting_before(match.output):
         q, k, v = (emit_operand(emit, o) for o in (match.q, match.k, match.v))
         mask = match.sdpa_mask if match.sdpa_mask is not None else _emit_mask(match, emit)
-        out = emit.call(ATTENTION, (q, k, v, mask), {
-            "scale": float(match.scale), "is_causal": match.is_causal,
-            "sparsity": "", "softcap": float(match.softcap),
-        })
+        attrs = {"scale": float(match.scale), "is_causal": match.is_causal,
+                 "sparsity": "", "softcap": float(match.softcap)}
+        if match.alibi:
+            attrs["alibi"] = [float(a) for a in match.alibi]
+        out = emit.call(ATTENTION, (q, k, v, mask), attrs)
         core = out
         for step in match.out_steps:
             out = emit.call(step.target, (out, *step.args))
@@ -117,7 +120,7 @@ def _emit_mask(match: CoreMatch, emit: Emitter) -> Node | None:
             fill = term.value * term.multiplier
             t = emit.call(aten.where.Scalar, (term.node, 0.0, fill) if term.keep
                           else (term.node, fill, 0.0))
-        if match.score_rank == 3 and len(shape(t)) == 3:
+        if (term.rank or match.score_rank) == 3 and len(shape(t)) == 3:
             first = static_int(shape(t)[0])
             t = emit.call(aten.unsqueeze.default, (t, 0)) if first == 1 else \
                 emit.call(aten.unflatten.int, (t, 0, [-1, match.num_heads]))

@@ -82,7 +82,8 @@ def rebuild_site(program, site: AttentionSite, new: dict,
     role are rebuilt too (with their current rows), so the fused weight goes away.
 
     ``query_heads``: the old query heads, in their new order, when the query heads change; a
-    mask with a head dimension (e.g. T5's relative position bias) is gathered to match."""
+    mask with a head dimension (e.g. T5's relative position bias) and ALiBi slopes are gathered
+    to match."""
     gm = program.module
     node = canonical_nodes(gm)[site.node]
     rebuilt_weights = {getattr(site, f"{r}_proj").weight for r in new if r in ROLES}
@@ -124,6 +125,11 @@ def rebuild_site(program, site: AttentionSite, new: dict,
             index.meta["val"] = emit.fake(fetch_attr(gm, index_name.replace(".", "_")))
             args[3] = emit.call(torch.ops.aten.index_select.default, (mask, 1, index))
     node.args = tuple(args)
+    if query_heads is not None and node.kwargs.get("alibi"):
+        # ALiBi slopes are per query head: they follow their heads (dropped ones go)
+        slopes = [float(node.kwargs["alibi"][h]) for h in query_heads]
+        node.kwargs = {**node.kwargs, "alibi": slopes}
+        site.alibi = tuple(slopes)
     with emit.fake_mode:
         node.meta["val"] = node.target(*map_arg(node.args, val), **map_arg(node.kwargs, val))
     q, k = (val(a) for a in args[:2])

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from rewriter.ir.graph import canonical_nodes, copy_graph, graph_module_over
+from rewriter.ir.ops import with_alibi
 from rewriter.passes.base import PassContext
 from rewriter.passes.parallel import shard
 
@@ -26,8 +27,11 @@ _OBSERVERS: list[Observer] = []
 
 
 def observed_attention(q, k, v, attn_mask=None, *, scale, is_causal=False, sparsity="",
-                       softcap=0.0, site: int):
+                       softcap=0.0, alibi=None, site: int):
     attrs = {"scale": scale, "is_causal": is_causal, "sparsity": sparsity, "softcap": softcap}
+    # ALiBi reaches observers as part of an additive mask, so statistics that recompute
+    # probabilities from (q, k, mask, attrs) include it
+    attn_mask = with_alibi(attn_mask, alibi, q, k.shape[-2])
     return _OBSERVERS[-1](site, q, k, v, attn_mask, attrs)
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
 
 from rewriter.ir.graph import module_path, static_int
+from rewriter.patterns.alibi import extract_alibi
 from rewriter.patterns.graph import (
     MatchFailure,
     arg,
@@ -38,7 +40,14 @@ from rewriter.patterns.layout import (
     transpose_last,
     unflatten_heads,
 )
-from rewriter.patterns.scores import CASTS, MaskTerm, walk_scores
+from rewriter.patterns.scores import (
+    CASTS,
+    VIEWS,
+    MaskTerm,
+    merge_heads_view,
+    same_shape,
+    walk_scores,
+)
 
 aten = torch.ops.aten
 
@@ -67,6 +76,8 @@ class CoreMatch:
     score_rank: int = 4  # 3 when the scores are [B*H, Sq, Sk]
     out_steps: tuple[Step, ...] = ()  # canonical [B, H, Sq, Dv] -> output layout
     nodes: list[Node] = field(default_factory=list)  # the core's own nodes (for rendering)
+    alibi: tuple[float, ...] = ()  # ALiBi slopes per query head (patterns.alibi), () = none
+    notes: list[str] = field(default_factory=list)  # e.g. why a bias is not ALiBi
 
 
 @dataclass(frozen=True)
@@ -136,6 +147,9 @@ def match_softmax_core(node: Node, gm: GraphModule, cache: dict) -> CoreMatch:
     else:
         core = _matmul_operands(product, pv)
     q, k, v, num_heads, out_steps, score_rank, pattern = core
+    if form.split_heads is not None and (score_rank != 3 or form.split_heads != num_heads):
+        raise MatchFailure(f"the scores are viewed with {form.split_heads} heads, the product "
+                           f"has {num_heads}", node)
     for side, operand in (("query", q), ("key", k)):
         if not depends_on_input(operand.node, cache):
             raise MatchFailure(f"the {side} is a learned parameter, not computed from the input "
@@ -147,7 +161,7 @@ def match_softmax_core(node: Node, gm: GraphModule, cache: dict) -> CoreMatch:
         alpha = float(arg(product, 4, "alpha", 1.0))
         beta = float(arg(product, 3, "beta", 1.0))
         scale *= alpha
-        bias = MaskTerm("tensor", product.args[0], multiplier=beta * form.scale)
+        bias = MaskTerm("tensor", product.args[0], multiplier=beta * form.scale, rank=3)
         terms.insert(0, bias)
     k, v, kind = peel_expansion(k, v, num_heads)
     return CoreMatch(
@@ -170,7 +184,8 @@ def _value_product(softmax: Node) -> tuple[Node, list[Node]]:
             raise MatchFailure(f"attention probabilities {what}", node)
         user = users[0]
         if is_op(user, *CASTS) or (is_op(user, aten.dropout.default) and not
-                                   (len(user.args) > 2 and user.args[2] and user.args[1] > 0)):
+                                   (len(user.args) > 2 and user.args[2] and user.args[1] > 0)) \
+                or (is_op(user, *VIEWS) and (merge_heads_view(user) or same_shape(user))):
             chain.append(user)
             node = user
             continue
@@ -324,9 +339,12 @@ class Rejection:
 
 
 def find(
-    gm: GraphModule, rules: RuleSet = DEFAULT_RULES
+    gm: GraphModule, rules: RuleSet = DEFAULT_RULES, inputs: dict[Node, Any] | None = None
 ) -> tuple[list[CoreMatch], list[Rejection]]:
-    """Every anchor in graph order: matched cores, and why the other anchors are not attention."""
+    """Every anchor in graph order: matched cores, and why the other anchors are not attention.
+
+    ``inputs``: example values of the graph's placeholders; with them an additive bias that is
+    provably ALiBi becomes the core's ``alibi`` slopes (rewriter.patterns.alibi)."""
     matches: list[CoreMatch] = []
     rejected: list[Rejection] = []
     cache: dict = {}
@@ -337,7 +355,10 @@ def find(
         reasons = []
         for rule in rules_here:
             try:
-                matches.append(rule.match(node, gm, cache))
+                match = rule.match(node, gm, cache)
+                if inputs:
+                    _find_alibi(match, gm, inputs)
+                matches.append(match)
                 break
             except MatchFailure as failure:
                 reasons.append(failure.reason)
@@ -345,6 +366,20 @@ def find(
             rejected.append(Rejection(node.name, _name(node), module_path(node),
                                       "; ".join(reasons)))
     return matches, rejected
+
+
+def _find_alibi(match: CoreMatch, gm: GraphModule, inputs: dict[Node, Any]) -> None:
+    """ALiBi among the additive terms, or in a float SDPA mask (then the mask is rebuilt from
+    what is left of it)."""
+    mask = match.sdpa_mask
+    if isinstance(mask, Node) and not match.terms and mask.meta.get("val") is not None \
+            and mask.meta["val"].is_floating_point():
+        match.terms, match.sdpa_mask = [MaskTerm("tensor", mask, rank=4)], None
+        match.notes += extract_alibi(match, gm, inputs)
+        if not match.alibi:
+            match.terms, match.sdpa_mask = [], mask
+    elif match.terms:
+        match.notes += extract_alibi(match, gm, inputs)
 
 
 def layer_index(path: str) -> int | None:

@@ -11,6 +11,7 @@ from torch.fx import Node
 
 from rewriter.ir.graph import concrete, val
 from rewriter.patterns.graph import shape
+from rewriter.patterns.head_copies import peel_head_copies
 from rewriter.patterns.layout import Operand, chain_up, iota, propagate
 
 aten = torch.ops.aten
@@ -21,7 +22,8 @@ def peel_expansion(k: Operand, v: Operand, num_heads: int) -> tuple[Operand, Ope
     peeled_k = _peel(k, num_heads)
     peeled_v = _peel(v, num_heads)
     if peeled_k is None or peeled_v is None:
-        return k, v, "none"
+        # Heads copied before a head-uniform transform such as RoPE (Falcon-40B style).
+        return peel_head_copies(k, v, num_heads) or (k, v, "none")
     (k0, kind_k, hk), (v0, _kind_v, hv) = peeled_k, peeled_v
     if hk != hv:
         return k, v, "none"

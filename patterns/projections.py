@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-from rewriter.ir.graph import concrete
+from rewriter.ir.graph import concrete, val
 from rewriter.ir.site import Projection
 from rewriter.patterns.graph import is_op, is_parameter, shape
 from rewriter.patterns.layout import Operand, apply_node, chain_down, chain_up, iota, is_layout
@@ -42,19 +42,37 @@ def positional_unit(node: Node) -> tuple[Node, str] | None:
         a, b = node.args[0], node.args[1]
         for first, second in ((a, b), (b, a)):
             for x in first.args[:2]:
-                if isinstance(x, Node) and any(_rotated_from(y, x) for y in second.args[:2]):
+                if isinstance(x, Node) and any(rotated_from(y, x) for y in second.args[:2]):
                     return x, "rope"
     if is_op(node, aten.cat.default) and len(node.args[0]) == 2:
         rotated, passed = node.args[0]
         inner = positional_unit(rotated) if isinstance(rotated, Node) else None
         if inner and is_op(passed, aten.slice.Tensor):
             # x[..., :r] may be written as a slice or, when r is the whole head, an alias.
-            if passed.args[0] in chain_up(inner[0])[1:]:
+            # x[:, :, :, :r] and x[:, :, :, r:] (GPT-J, CodeGen) export each side's full
+            # slices as nodes of their own: compare the two sides without them.
+            source = _skip_full_slices(passed.args[0])
+            if source in {_skip_full_slices(n) for n in chain_up(inner[0])[1:]} and \
+                    _same_shape(node, passed.args[0]):
                 return passed.args[0], "rope-partial"
     return None
 
 
-def _rotated_from(y, x: Node, limit: int = 12) -> bool:
+def _same_shape(a: Node, b: Node) -> bool:
+    va, vb = val(a), val(b)
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and \
+        [str(d) for d in va.shape] == [str(d) for d in vb.shape]
+
+
+def _skip_full_slices(node: Node) -> Node:
+    """``node`` without the slices above it that keep every element (``x[:, :]``)."""
+    while is_op(node, aten.slice.Tensor) and isinstance(node.args[0], Node) and \
+            _same_shape(node, node.args[0]):
+        node = node.args[0]
+    return node
+
+
+def rotated_from(y, x: Node, limit: int = 12) -> bool:
     """y is built from x by slicing, negating and concatenating (a rotation of x)."""
     if not isinstance(y, Node):
         return False

@@ -18,18 +18,19 @@ import torch
 from torch.fx import GraphModule, Node
 
 from rewriter.ir.graph import val
-from rewriter.patterns.graph import MatchFailure, data_users, is_op, scalar_constant
+from rewriter.patterns.graph import MatchFailure, data_users, is_op, scalar_constant, shape
 
 aten = torch.ops.aten
 
 CASTS = (aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default,
          aten.contiguous.default, aten.clone.default, aten.alias.default)
 PRODUCTS = (aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default)
-MUL = (aten.mul.Tensor, aten.mul.Scalar)
-DIV = (aten.div.Tensor, aten.div.Scalar)
+MUL = (aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor)  # mul_: Falcon's `scores *= c`
+DIV = (aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor)  # div_: Falcon's `scores /= c`
 ADD = (aten.add.Tensor,)
 # A fill value at least this negative drives a softmax weight to exactly 0, like -inf.
 MASKING_VALUE = -1e30
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class MaskTerm:
     value: float = 0.0
     keep: bool = False
     multiplier: float = 1.0
+    rank: int = 0  # rank of the scores it is added to (0: the product's)
 
 
 @dataclass
@@ -53,6 +55,7 @@ class ScoreForm:
     softcap: float = 0.0
     terms: list[MaskTerm] = field(default_factory=list)
     nodes: list[Node] = field(default_factory=list)  # the chain, product excluded
+    split_heads: int | None = None  # [B*H, Sq, Sk] scores viewed as [B, H, Sq, Sk] (BLOOM)
 
     def apply_scale(self, c: float, node: Node) -> None:
         if self.softcap:
@@ -105,6 +108,17 @@ def walk_scores(x: Node, gm: GraphModule) -> ScoreForm:
         if t in CASTS:
             node = node.args[0]
             continue
+        if t in VIEWS and same_shape(node):
+            node = node.args[0]
+            continue
+        if t in VIEWS:
+            heads = split_heads_view(node)
+            if heads is None:
+                raise MatchFailure(f"{node.name} reshapes the scores other than [B*H, Sq, Sk] "
+                                   "-> [B, H, Sq, Sk]", node)
+            ops.append(("split", node, heads))
+            node = node.args[0]
+            continue
         cap = _softcap_unit(node, gm)
         if cap is not None:
             ops.append(("softcap", node, cap[1]))
@@ -129,7 +143,7 @@ def walk_scores(x: Node, gm: GraphModule) -> ScoreForm:
                 raise MatchFailure(f"{node.name} adds two things neither of which is scores", node)
             scores, mask = side
             if isinstance(mask, Node):
-                ops.append(("term", node, MaskTerm("tensor", mask)))
+                ops.append(("term", node, MaskTerm("tensor", mask, rank=_rank(node))))
             else:
                 ops.append(("term", node, None))  # adding a constant: softmax-invariant
             node = scores
@@ -137,7 +151,7 @@ def walk_scores(x: Node, gm: GraphModule) -> ScoreForm:
         if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
             fill = scalar_constant(node.args[2], gm)
             _check_masking(fill, node)
-            ops.append(("term", node, MaskTerm("fill", node.args[1], fill)))
+            ops.append(("term", node, MaskTerm("fill", node.args[1], fill, rank=_rank(node))))
             node = node.args[0]
             continue
         if t in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
@@ -146,11 +160,13 @@ def walk_scores(x: Node, gm: GraphModule) -> ScoreForm:
             fill_a = scalar_constant(a, gm)
             if fill_b is not None and isinstance(a, Node) and fill_a is None:
                 _check_masking(fill_b, node)
-                ops.append(("term", node, MaskTerm("fill", cond, fill_b, keep=True)))
+                ops.append(("term", node, MaskTerm("fill", cond, fill_b, keep=True,
+                                                   rank=_rank(node))))
                 node = a
             elif fill_a is not None and isinstance(b, Node):
                 _check_masking(fill_a, node)
-                ops.append(("term", node, MaskTerm("fill", cond, fill_a, keep=False)))
+                ops.append(("term", node, MaskTerm("fill", cond, fill_a, keep=False,
+                                                   rank=_rank(node))))
                 node = b
             else:
                 raise MatchFailure(f"{node.name} selects between two computed tensors", node)
@@ -161,7 +177,11 @@ def walk_scores(x: Node, gm: GraphModule) -> ScoreForm:
 
     form = ScoreForm(product=node, nodes=chain)
     for kind, where, payload in reversed(ops):
-        if kind == "scale":
+        if kind == "split":
+            if form.split_heads is not None:
+                raise MatchFailure("the scores are reshaped twice", where)
+            form.split_heads = int(payload)
+        elif kind == "scale":
             form.apply_scale(float(payload), where)
         elif kind == "softcap":
             if form.terms:
@@ -173,6 +193,42 @@ def walk_scores(x: Node, gm: GraphModule) -> ScoreForm:
         elif payload is not None:
             form.add_term(payload)
     return form
+
+
+def split_heads_view(node: Node) -> int | None:
+    """H for a view of [B*H, Sq, Sk] as [B, H, Sq, Sk] (static H), else None."""
+    try:
+        before, after = shape(node.args[0]), shape(node)
+    except MatchFailure:
+        return None
+    if len(before) != 3 or len(after) != 4 or not isinstance(after[1], int):
+        return None
+    if str(before[1]) != str(after[2]) or str(before[2]) != str(after[3]):
+        return None
+    return after[1]
+
+
+def merge_heads_view(node: Node) -> bool:
+    """A view of [B, H, Sq, Sk] probabilities as [B*H, Sq, Sk]."""
+    try:
+        before, after = shape(node.args[0]), shape(node)
+    except MatchFailure:
+        return False
+    return len(before) == 4 and len(after) == 3 and str(before[2]) == str(after[1]) \
+        and str(before[3]) == str(after[2])
+
+
+def same_shape(node: Node) -> bool:
+    """A view that changes nothing (Falcon views [B, H, Sq, Sk] scores as themselves)."""
+    try:
+        return [str(d) for d in shape(node.args[0])] == [str(d) for d in shape(node)]
+    except MatchFailure:
+        return False
+
+
+def _rank(node: Node) -> int:
+    v = val(node)
+    return v.dim() if isinstance(v, torch.Tensor) else 0
 
 
 def _check_masking(fill: float | None, node: Node) -> None:
@@ -193,7 +249,8 @@ def _leads_to_product(node: Node, depth: int = 12) -> bool:
     while depth > 0 and isinstance(node, Node) and node.op == "call_function":
         if node.target in PRODUCTS:
             return True
-        if node.target in CASTS or node.target in MUL or node.target in DIV:
+        if node.target in CASTS or node.target in MUL or node.target in DIV \
+                or node.target in VIEWS:
             node = node.args[0] if isinstance(node.args[0], Node) else node.args[1]
         elif node.target in ADD or node.target in (aten.masked_fill.Scalar,
                                                    aten.masked_fill.Tensor):

@@ -19,6 +19,16 @@
    op per group of KV heads with the same bound, each with its own cache entry; the query heads'
    outputs are put back in order. Such a decoder has one more input and output, ``past_length``
    / ``present_length`` (int64 scalars: P, P + S), since bounded caches no longer tell P.
+5. padded batches (``padded=True``; ``Decoder.generate(..., attention_mask=...)`` builds one
+   when it needs it): one more input, ``attention_mask`` [B, P + S] (1 token, 0 left pad, as
+   in Hugging Face), read by ``rewriter::padded_cached_attention`` (pad keys masked) and
+   ``rewriter::padding_positions`` (per-row positions cumsum(mask) - 1, rewriter.ir.padding):
+   each ``arange(S)`` reaching the model as ``position_ids`` [1, S] (RoPE, learned
+   embeddings) becomes the per-row [B, S] positions, and a model counting positions from an
+   all-ones mask (OPT) counts them from the real one. Caches are unbounded (eviction by
+   index would keep pads), and sparsity must not depend on absolute positions (no sinks, no
+   top-k). Built padded decoders are also checked on a left-padded batch against each row
+   alone.
 
 Shape glossary: B batch, S new tokens, P cached tokens, Hkv KV heads of a cache entry, D head
 dim. Cache entries are [B, Hkv, P, D] ([B, Hkv, min(P, bound), D] when bounded). Built
@@ -36,10 +46,11 @@ from torch.fx import CodeGen, Graph, GraphModule, Node
 from torch.utils._pytree import tree_leaves
 
 from rewriter.analysis.quality import logits_fn
-from rewriter.errors import RewriterError
+from rewriter.errors import RewriterError, first_line
 from rewriter.ir.graph import canonical_nodes, cleanup, copy_graph
 from rewriter.ir.masks import MaskSpec
 from rewriter.ir.ops import attention as _attention_op  # noqa: F401  (registers the ops)
+from rewriter.ir.padding import check_attention_mask
 from rewriter.ir.precision import EXACT_TOLERANCE, float64_module
 from rewriter.ir.topk import is_topk
 
@@ -48,6 +59,8 @@ __all__ = ["CacheEntry", "Decoder", "DecoderError", "build_decoder", "greedy_ref
 aten = torch.ops.aten
 CACHED = torch.ops.rewriter.cached_attention.default
 BOUNDED = torch.ops.rewriter.bounded_cached_attention.default
+PADDED = torch.ops.rewriter.padded_cached_attention.default
+POSITIONS = torch.ops.rewriter.padding_positions.default
 _ARANGE = (aten.arange.default, aten.arange.start, aten.arange.start_step)
 _CAUSAL_MASKS = ("causal", "causal-mask")
 
@@ -93,6 +106,8 @@ class Decoder:
     program: object = field(repr=False)
     sites_by_node: dict = field(default_factory=dict, repr=False)  # cached node -> site
     verify_error: float = float("nan")  # max |prefill+step - full| / max |full|, float64
+    padded: bool = False  # takes attention_mask [B, P + S] (left-padded batches)
+    _padded_decoder: Decoder | None = field(default=None, repr=False, compare=False)
 
     @property
     def static_batch(self) -> int | None:
@@ -107,7 +122,8 @@ class Decoder:
     @property
     def input_names(self) -> list[str]:
         return ["input_ids", *(e.input_name for e in self.cache),
-                *(["past_length"] if self.bounded else [])]
+                *(["past_length"] if self.bounded else []),
+                *(["attention_mask"] if self.padded else [])]
 
     @property
     def output_names(self) -> list[str]:
@@ -142,20 +158,53 @@ class Decoder:
         past = [torch.zeros(batch, e.heads, 0, e.head_dim, dtype=dtype) for e in self.cache]
         return past + ([torch.zeros((), dtype=torch.long)] if self.bounded else [])
 
-    def step(self, input_ids: torch.Tensor, past: list[torch.Tensor]
+    def step(self, input_ids: torch.Tensor, past: list[torch.Tensor],
+             attention_mask: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(logits [B, S, V], present cache) for S new tokens after ``past``."""
+        """(logits [B, S, V], present cache) for S new tokens after ``past``;
+        ``attention_mask`` [B, P + S] for a padded decoder (None: all ones)."""
+        extra = []
+        if self.padded:
+            if attention_mask is None:
+                total = (past[0].shape[2] if past else 0) + input_ids.shape[1]
+                attention_mask = torch.ones(input_ids.shape[0], total, dtype=torch.long)
+            extra = [attention_mask]
+        elif attention_mask is not None:
+            raise DecoderError("this decoder takes no attention_mask: build it with "
+                               "padded=True (build_decoder / Program.decoder)")
         with torch.no_grad():
-            logits, *present = self.module(input_ids, *past)
+            logits, *present = self.module(input_ids, *past, *extra)
         return logits, present
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding: the prompt [B, S] followed by ``max_new_tokens`` tokens."""
+    def padded_decoder(self) -> Decoder:
+        """This decoder if it is padded, else one built with ``padded=True`` from the same
+        program (once, then kept)."""
+        if self.padded:
+            return self
+        if self._padded_decoder is None:
+            self._padded_decoder = build_decoder(self.program, padded=True)
+        return self._padded_decoder
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy decoding: the prompt [B, S] followed by ``max_new_tokens`` tokens.
+        ``attention_mask`` [B, S] (1 token, 0 pad) for left-padded prompts: each row then
+        generates what it would alone (a decoder built without ``padded`` hands a batch with
+        pads to its ``padded_decoder()``)."""
+        mask = None if attention_mask is None else check_attention_mask(input_ids,
+                                                                        attention_mask)
+        if mask is not None and not self.padded:
+            if bool(mask.all()):
+                mask = None
+            else:
+                return self.padded_decoder().generate(input_ids, max_new_tokens, mask)
         token, past, out = input_ids, self.empty_cache(input_ids.shape[0]), [input_ids]
         for _ in range(max_new_tokens):
-            logits, past = self.step(token, past)
+            logits, past = self.step(token, past, mask)
             token = logits[:, -1].argmax(-1, keepdim=True)
             out.append(token)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         return torch.cat(out, dim=1)
 
 
@@ -169,12 +218,14 @@ def greedy_reference(program, input_ids: torch.Tensor, max_new_tokens: int) -> t
     return ids
 
 
-def build_decoder(program, *, check: bool = True, bounded: bool = True) -> Decoder:
+def build_decoder(program, *, check: bool = True, bounded: bool = True,
+                  padded: bool = False) -> Decoder:
     """The program as a decoder step with a KV cache; raises DecoderError when the program is
     not a causal LM of causal self-attention sites, or when the decoder does not reproduce the
     program (``check``: prefill of a prompt plus one step against one full forward).
     ``bounded``: sink + window KV heads keep only what their mask reads (else every entry
-    keeps every token)."""
+    keeps every token). ``padded``: an ``attention_mask`` input for left-padded batches
+    (module docstring, item 5; implies unbounded caches)."""
     _check_sites(program)
     graph = copy_graph(program.module)
     ids = _token_input(graph)
@@ -183,21 +234,38 @@ def build_decoder(program, *, check: bool = True, bounded: bool = True) -> Decod
         raise DecoderError("the program has no rewriter::attention nodes (compiled for a "
                            "backend?): build the decoder from the program before compile()")
     sites = {s.node: s for s in program.sites}
+    if padded:
+        _check_padding_sites(canonical)
+        bounded = False
     groups = _head_groups(canonical, bounded)
     pasts, past_len, length = _add_cache_inputs(graph, ids, canonical, sites, groups)
-    if not _shift_positions(graph, ids, past_len):
+    mask = _add_mask_input(graph, pasts) if padded else None
+    shifted = _shift_positions(graph, ids, past_len)
+    if padded:
+        shifted += _per_row_positions(graph, ids, past_len, mask)
+    if not shifted:
         raise DecoderError("no arange over the token axis found: cannot tell where the model "
                            "computes positions, so cached decoding would restart them at 0")
     presents, cached_sites = _attend_over_cache(graph, canonical, pasts, sites, groups, length)
+    if padded:
+        cached_sites = _mask_keys(graph, mask, cached_sites)
     cache = _set_outputs(graph, pasts, presents, length)
     _drop_static_inputs(graph)
     graph.set_codegen(CodeGen())  # a plain forward(input_ids, past_key_0, ...) signature
     module = GraphModule(program.module, graph, class_name="Decoder")
     cleanup(module)
-    _propagate_fake(module)
-    decoder = Decoder(module, cache, program, cached_sites)
+    try:
+        _propagate_fake(module)
+    except Exception as exc:
+        if not padded:
+            raise
+        raise DecoderError(f"the model's position computation cannot take per-row positions "
+                           f"[B, S] (padded=True): {first_line(exc)}") from exc
+    decoder = Decoder(module, cache, program, cached_sites, padded=padded)
     if check:
         decoder.verify_error = check_decoder(decoder)
+        if padded:
+            decoder.verify_error = max(decoder.verify_error, check_padded(decoder))
     return decoder
 
 
@@ -234,7 +302,8 @@ def _head_groups(canonical: list[Node], bounded: bool = True
             bounds = per_kv if bounds is None else [
                 None if a is None or b is None else max(a, b)
                 for a, b in zip(bounds, per_kv, strict=True)]
-        if len(sinks) > 1 or not bounded:  # readers would evict differently
+        # readers would evict differently; ALiBi reads positions an evicted cache loses
+        if len(sinks) > 1 or not bounded or any(n.kwargs.get("alibi") for n in nodes):
             bounds = [None] * hkv
         by_bound: dict[int | None, list[int]] = {}
         for g, b in enumerate(bounds):
@@ -314,6 +383,8 @@ def _attend_over_cache(graph: Graph, canonical: list[Node], pasts: dict, sites: 
                         sparsity = MaskSpec.parse(sparsity).select_heads(q_heads, hq).format()
                 attrs = {"scale": kw["scale"], "sparsity": sparsity,
                          "softcap": kw.get("softcap", 0.0)}
+                if kw.get("alibi"):  # per query head; cache entry j is position j: exact
+                    attrs["alibi"] = [float(kw["alibi"][h]) for h in q_heads]
                 past_k, past_v = pasts[(k, group)][0], pasts[(v, group)][0]
                 if group.bound is None:
                     cached = graph.call_function(CACHED, (qq, kk, vv, past_k, past_v), attrs)
@@ -386,13 +457,17 @@ def check_decoder(decoder: Decoder, prompt_len: int = 7, batch: int = 2,
     # top-k sites select per call (rewriter.ir.topk): a step selects for itself, so only a
     # prefill of the whole text is held to the program's forward
     dynamic = any(is_topk(s.sparsity) for s in program.sites)
+    def ones(n: int) -> list[torch.Tensor]:  # a padded decoder's mask, nothing padded
+        return [torch.ones(batch, n, dtype=torch.long)] if decoder.padded else []
+
     with torch.no_grad():
         want = logits_fn(program, float64_module(program.module, shared))(ids)
         if dynamic:
-            got, *_ = step(ids, *decoder.empty_cache(batch, torch.float64))
+            got, *_ = step(ids, *decoder.empty_cache(batch, torch.float64), *ones(ids.shape[1]))
         else:
-            first, *past = step(ids[:, :-1], *decoder.empty_cache(batch, torch.float64))
-            last, *_ = step(ids[:, -1:], *past)
+            first, *past = step(ids[:, :-1], *decoder.empty_cache(batch, torch.float64),
+                                *ones(prompt_len))
+            last, *_ = step(ids[:, -1:], *past, *ones(prompt_len + 1))
             got = torch.cat([first, last], dim=1)
     err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
     if not err <= tolerance:
@@ -400,6 +475,43 @@ def check_decoder(decoder: Decoder, prompt_len: int = 7, batch: int = 2,
                            f"forward in float64: max relative error {err:.2e} > {tolerance:g}); "
                            "the model computes positions or masks in a way the cache surgery "
                            "misses")
+    return err
+
+
+def check_padded(decoder: Decoder, prompt_len: int = 7, tolerance: float = EXACT_TOLERANCE
+                 ) -> float:
+    """A padded decoder on a left-padded batch (rows with 0, 3 and 5 pads; prefill of all but
+    the last token, then one step) against one forward of the program over each row's tokens
+    alone, both in float64, on the real tokens' logits; raises DecoderError past
+    ``tolerance``. Returns the max relative error."""
+    program = decoder.program
+    pads = [0, 3, 5][: decoder.static_batch or 3]
+    if decoder.static_batch == 1:
+        pads = [2]
+    batch = len(pads)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, _vocab_size(decoder), (batch, prompt_len + 1), generator=gen)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    shared: dict = {}
+    step = float64_module(decoder.module, shared)
+    alone = logits_fn(program, float64_module(program.module, shared))
+    with torch.no_grad():
+        first, *past = step(ids[:, :-1], *decoder.empty_cache(batch, torch.float64),
+                            mask[:, :-1])
+        last, *_ = step(ids[:, -1:], *past, mask)
+        got = torch.cat([first, last], dim=1)
+        err = 0.0
+        for row, pad in enumerate(pads):
+            want = alone(ids[row:row + 1, pad:])[0]
+            diff = (got[row, pad:] - want).abs().max() / want.abs().max().clamp_min(1e-30)
+            err = max(err, float(diff))
+    if not err <= tolerance:
+        raise DecoderError(f"the padded decoder does not reproduce the program on a "
+                           f"left-padded batch (each row against its tokens alone, in float64: "
+                           f"max relative error {err:.2e} > {tolerance:g}); the model computes "
+                           "positions in a way the padding surgery misses")
     return err
 
 
@@ -452,6 +564,107 @@ def _shift_positions(graph: Graph, ids: Node, past_len: Node) -> int:
     return count
 
 
+def _check_padding_sites(canonical: list[Node]) -> None:
+    """Padded decoders apply sparsity on cache indices, which a row's pads shift from its
+    positions: only masks of relative positions (window, dilation, per-head windows) qualify."""
+    for node in canonical:
+        sparsity = node.kwargs.get("sparsity", "")
+        if not sparsity:
+            continue
+        spec = None if is_topk(sparsity) else MaskSpec.parse(sparsity)
+        if spec is None or spec.sink or spec.neighborhood is not None:
+            raise DecoderError(f"attention {node.name} has sparsity {sparsity!r}, which reads "
+                               "absolute positions (sinks, top-k blocks, grids): padded "
+                               "batches (attention_mask) are not supported for it; generate "
+                               "each prompt alone")
+
+
+def _add_mask_input(graph: Graph, pasts: dict) -> Node:
+    """The attention_mask [B, P + S] placeholder, after the cache inputs."""
+    placeholders = {node for node, _ in pasts.values()}
+    last = [n for n in graph.nodes if n in placeholders][-1]
+    with graph.inserting_after(last):
+        mask = graph.placeholder("attention_mask")
+    mask.meta["val"] = torch.ones(2, 2, dtype=torch.long)  # re-derived at the end
+    return mask
+
+
+def _per_row_positions(graph: Graph, ids: Node, past_len: Node, mask: Node) -> int:
+    """Per-row positions (rewriter::padding_positions) where the model takes them: every
+    ``unsqueeze(arange(S) + P [+ c], 0)`` ([1, S] position_ids) becomes the [B, S] positions
+    (pads clamped to 0), and an all-ones [B, S] mask the model counts positions from by cumsum
+    (OPT) becomes the real one (and its cumsum the real count). Returns how many."""
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last):
+        raw = graph.call_function(POSITIONS, (mask, ids))  # [B, S], pads -1
+    with graph.inserting_after(raw):
+        pos = graph.call_function(aten.clamp_min.default, (raw, 0))
+    count = 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is aten.add.Tensor \
+                and len(node.args) == 2 and node.args[1] is past_len \
+                and getattr(node.args[0], "target", None) in _ARANGE:
+            count += _rows_from(graph, node, pos, 0)
+    seq_shape = [str(d) for d in ids.meta["val"].shape]
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.ones.default,
+                                                             aten.new_ones.default):
+            continue
+        val = node.meta.get("val")
+        sums = [u for u in node.users if u.target is aten.cumsum.default
+                and u.args[0] is node and u.args[1] in (1, -1)]
+        if val is None or [str(d) for d in val.shape] != seq_shape or not sums:
+            continue
+        with graph.inserting_before(node):
+            real = graph.call_function(aten.ge.Scalar, (raw, 0))
+            real = graph.call_function(aten._to_copy.default, (real,), {"dtype": val.dtype})
+            for cumsum in sums:
+                counted = graph.call_function(aten.add.Tensor, (raw, 1))
+                counted = graph.call_function(aten._to_copy.default, (counted,),
+                                              {"dtype": cumsum.meta["val"].dtype})
+                cumsum.replace_all_uses_with(counted)
+        node.replace_all_uses_with(real, delete_user_cb=lambda user, r=real: user is not r)
+        count += 1
+    return count
+
+
+def _rows_from(graph: Graph, node: Node, pos: Node, offset: int) -> int:
+    """Replace each [1, S] ``unsqueeze(node, 0)`` (through ``+ int`` adds) with ``pos`` plus
+    the added offset; returns how many."""
+    count = 0
+    for user in list(node.users):
+        if user.target is aten.add.Tensor and user.args[0] is node \
+                and isinstance(user.args[1], int):
+            count += _rows_from(graph, user, pos, offset + user.args[1])
+        elif user.target is aten.unsqueeze.default and user.args[0] is node \
+                and user.args[1] == 0:
+            rows = pos
+            if offset:
+                with graph.inserting_after(pos):
+                    rows = graph.call_function(aten.add.Tensor, (pos, offset))
+            user.replace_all_uses_with(rows)
+            count += 1
+    return count
+
+
+def _mask_keys(graph: Graph, mask: Node, cached_sites: dict) -> dict:
+    """Every rewriter::cached_attention -> rewriter::padded_cached_attention reading
+    ``mask``; returns ``cached_sites`` under the new node names."""
+    renamed, gone = {}, set()
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not CACHED:
+            continue
+        with graph.inserting_before(node):
+            padded = graph.call_function(PADDED, (*node.args, mask), dict(node.kwargs))
+        padded.meta = dict(node.meta)
+        node.replace_all_uses_with(padded)
+        if node.name in cached_sites:
+            renamed[padded.name] = cached_sites[node.name]
+        gone.add(node.name)
+        graph.erase_node(node)
+    return {**{k: v for k, v in cached_sites.items() if k not in gone}, **renamed}
+
+
 def _drop_static_inputs(graph: Graph) -> None:
     """Export's input guards and the non-tensor inputs (use_cache=False, ...) were fixed at
     capture; the decoder's signature is token ids and the cache."""
@@ -488,6 +701,8 @@ def _example_inputs(module: GraphModule, batch: int = 2, seq: int = 5, past: int
             out.append(torch.zeros(batch, seq, dtype=val.dtype))
         elif node.name == "past_length":
             out.append(torch.tensor(past, dtype=torch.long))
+        elif node.name == "attention_mask":
+            out.append(torch.ones(batch, past + seq, dtype=torch.long))
         else:
             out.append(torch.zeros(batch, int(val.shape[1]), past, int(val.shape[3]),
                                    dtype=val.dtype))

@@ -45,7 +45,7 @@ def capture(
         # The pre-canonicalization graph; its GraphModule (and generated code) is built on
         # first use of Program.original, as most callers never run it.
         original_graph = copy_graph(gm)
-        matches, rejected = find(gm)
+        matches, rejected = find(gm, inputs=example_inputs(gm, args, kwargs))
         if not matches and require_attention:
             raise NoAttentionError(
                 f"no attention found in {type(model).__name__}"
@@ -64,3 +64,19 @@ def capture(
     if config is not None and hasattr(config, "to_dict") and hasattr(config, "model_type"):
         program.hf_config = config  # lets save() write a transformers checkpoint when it fits
     return program
+
+
+def example_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None) -> dict:
+    """{placeholder: example value} of an exported module (empty if they do not line up)."""
+    import torch.fx._pytree as fx_pytree
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    spec = getattr(gm, "_in_spec", None)
+    try:
+        flat = fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs or {})), spec) \
+            if spec is not None else None
+    except Exception:  # an unusual input tree: ALiBi stays an opaque bias
+        return {}
+    if flat is None or len(flat) != len(placeholders):
+        return {}
+    return dict(zip(placeholders, flat, strict=True))

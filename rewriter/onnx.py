@@ -26,6 +26,12 @@ Inputs input_ids [batch, sequence], past_key_<n>/past_value_<n> [batch, Hkv, pas
 D]; outputs logits and present_key_<n>/present_value_<n>. With target "ort", ONNX Runtime's
 GroupQueryAttention takes several new tokens after a non-empty cache only at batch 1
 (prefill and one-token steps work at any batch).
+
+Left-padded batches: export with ``padded=True`` (the decoder then takes attention_mask
+[batch, total_sequence] = [B, P + S] last) and pass the prompt's mask to ``generate``:
+
+    prog.export_onnx("out/decoder.onnx", target="ort", kv_cache=True, padded=True)
+    tokens = rwonnx.generate(sess, prompt_ids, 32, attention_mask=prompt_mask)
 """
 
 from __future__ import annotations
@@ -34,17 +40,21 @@ import os
 
 from rewriter.codegen.ort.runtime import generate, run, session
 from rewriter.decoder import build_decoder
+from rewriter.errors import RewriterError
 
 __all__ = ["export_onnx", "generate", "run", "session"]
 
 
 def export_onnx(program, path: str | os.PathLike, target: str = "onnx", *,
-                kv_cache: bool = False, **options) -> list[dict]:
+                kv_cache: bool = False, padded: bool = False, **options) -> list[dict]:
     """Export ``program`` to ``path`` (see rewriter.codegen.onnx.export.export_program);
     ``kv_cache``: as a decoder step with past/present key-value inputs and outputs (built and
-    checked by rewriter.decoder.build_decoder, then export_decoder)."""
+    checked by rewriter.decoder.build_decoder, then export_decoder); ``padded`` (with
+    ``kv_cache``): one more input, attention_mask [B, P + S], for left-padded batches."""
     from rewriter.codegen.onnx.export import export_decoder, export_program  # imports onnx
 
+    if padded and not kv_cache:
+        raise RewriterError("padded=True is for decoders: export with kv_cache=True")
     if kv_cache:
-        return export_decoder(build_decoder(program), path, target, **options)
+        return export_decoder(build_decoder(program, padded=padded), path, target, **options)
     return export_program(program, path, target, **options)

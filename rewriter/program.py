@@ -59,18 +59,22 @@ class Program(GraphProgram):
         return compile_program(self, backend)
 
     def export_onnx(self, path, target: str = "onnx", *, kv_cache: bool = False,
-                    external_data: bool | None = None) -> list[dict]:
+                    external_data: bool | None = None, padded: bool = False) -> list[dict]:
         """Write this program as ONNX (target "onnx": standard ops; "ort": ONNX Runtime contrib
         ops where they fit); returns which op each site became (see rewriter.onnx).
         ``kv_cache``: a decoder step with past/present key-value inputs and outputs.
-        ``external_data``: weights in ``<path>.data`` (default: when over 1.5 GiB)."""
-        return export_onnx(self, path, target, kv_cache=kv_cache, external_data=external_data)
+        ``external_data``: weights in ``<path>.data`` (default: when over 1.5 GiB).
+        ``padded``: the decoder takes attention_mask [B, P + S] (left-padded batches)."""
+        return export_onnx(self, path, target, kv_cache=kv_cache, external_data=external_data,
+                           **({"padded": True} if padded else {}))
 
-    def decoder(self, *, bounded: bool = True):
+    def decoder(self, *, bounded: bool = True, padded: bool = False):
         """This causal LM as a step function over a KV cache (rewriter.decoder.Decoder),
         checked against the program before it is returned. Sink + window heads keep a bounded
-        cache unless ``bounded=False``; ``decoder.cache_report()`` gives the bytes."""
-        return build_decoder(self, bounded=bounded)
+        cache unless ``bounded=False``; ``decoder.cache_report()`` gives the bytes.
+        ``padded``: an attention_mask input for left-padded batches (``generate(...,
+        attention_mask=...)`` builds such a decoder by itself when a batch has pads)."""
+        return build_decoder(self, bounded=bounded, padded=padded)
 
     def save(self, path, *, force: bool = False, verification: VerifyReport | None = None,
              onnx: str | None = None) -> dict:

@@ -33,6 +33,24 @@ HF_ARCHS = [
     "vit",
     "t5",
     "whisper",
+    "qwen3",
+    "gemma3",
+    "phi",
+    "gptj",
+    "codegen",
+    "falcon",
+    "falcon-mqa",
+    "stablelm",
+    "olmo2",
+    "granite",
+    "cohere",
+    "mixtral",
+    "gpt-bigcode",
+    "bart",
+    "distilbert",
+    "albert",
+    "clip-vision",
+    "siglip-vision",
 ]
 
 ALL = ZOO + NEGATIVES
@@ -89,6 +107,12 @@ def test_zoo_entry(entry: ZooEntry):
     if not entry.attention:
         assert not sdpa
         return
+
+    # MoE routers: a softmax over [tokens, experts] logits, not attention.
+    routers = [n for n in softmax if len(_shape(n.args[0])) == 2]
+    assert len(routers) == entry.other_softmax
+    softmax = [n for n in softmax if n not in routers]
+    calls = [n for n in calls if n not in routers]
 
     if entry.name.endswith("-sdpa"):
         assert not softmax, "sdpa entry fell back to eager attention"

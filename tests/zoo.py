@@ -31,6 +31,8 @@ class ZooEntry:
     sites: tuple[Site, ...]
     attention: bool = True
     notes: str = ""
+    # Softmaxes that are not attention (MoE routers): they stay in the program, rejected.
+    other_softmax: int = 0
 
 
 SEED = 0
@@ -42,6 +44,7 @@ MAX_POS = 64
 
 MHA_SITE: Site = (H, H, D)
 GQA_SITE: Site = (H, HKV, D)
+MQA_SITE: Site = (H, 1, D)
 
 
 def _gen(seed: int = 1) -> torch.Generator:
@@ -142,11 +145,13 @@ def _hf_entries(
     notes: str,
     impls: tuple[str, ...] = ("sdpa", "eager"),
     inputs: Callable[[int, int], Inputs] = _decoder_inputs,
+    other_softmax: int = 0,
     **cfg,
 ) -> list[ZooEntry]:
     return [
         ZooEntry(
-            f"{arch}-{impl}", _hf(model_cls, config_cls, impl, **cfg), inputs, sites, notes=notes
+            f"{arch}-{impl}", _hf(model_cls, config_cls, impl, **cfg), inputs, sites, notes=notes,
+            other_softmax=other_softmax,
         )
         for impl in impls
     ]
@@ -304,6 +309,253 @@ HF_ENTRIES: list[ZooEntry] = [
         max_source_positions=WHISPER_SRC,
         max_target_positions=MAX_POS,
         decoder_start_token_id=1,
+    ),
+    # ---- more architectures (issue #16 item 5) ----
+    *_hf_entries(
+        "qwen3",
+        "Qwen3ForCausalLM",
+        "Qwen3Config",
+        (GQA_SITE,) * LAYERS,
+        "per-head q/k RMSNorm between projection and RoPE, GQA 4/2",
+        **_DEC,
+        num_key_value_heads=HKV,
+        head_dim=D,
+    ),
+    *_hf_entries(
+        "gemma3",
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        (GQA_SITE,) * LAYERS,
+        "q/k RMSNorm, query_pre_attn_scalar scale, sliding-window then global layer, GQA 4/2",
+        **_DEC,
+        num_key_value_heads=HKV,
+        head_dim=D,
+        query_pre_attn_scalar=D,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    *_hf_entries(
+        "phi",
+        "PhiForCausalLM",
+        "PhiConfig",
+        (MHA_SITE,) * LAYERS,
+        "phi-2: partial rotary 0.5, dense output projection, parallel attention/MLP",
+        **_DEC,
+        partial_rotary_factor=0.5,
+    ),
+    *_hf_entries(
+        "gptj",
+        "GPTJForCausalLM",
+        "GPTJConfig",
+        (MHA_SITE,) * LAYERS,
+        "interleaved (rotate-every-two) partial rotary on x[:, :, :, :4], explicit full slices",
+        **_TOKENS,
+        n_embd=E,
+        n_layer=LAYERS,
+        n_head=H,
+        n_inner=FFN,
+        rotary_dim=4,
+        n_positions=MAX_POS,
+    ),
+    *_hf_entries(
+        "codegen",
+        "CodeGenForCausalLM",
+        "CodeGenConfig",
+        (MHA_SITE,) * LAYERS,
+        "fused qkv_proj in 4 model-parallel blocks (q|v|k per block), interleaved partial rotary",
+        **_TOKENS,
+        n_embd=E,
+        n_layer=LAYERS,
+        n_head=H,
+        n_inner=FFN,
+        rotary_dim=4,
+        n_positions=MAX_POS,
+        n_ctx=MAX_POS,
+    ),
+    *_hf_entries(
+        "falcon",
+        "FalconForCausalLM",
+        "FalconConfig",
+        (GQA_SITE,) * LAYERS,
+        "falcon-40b style (new_decoder_architecture): fused qkv grouped per KV head, K/V "
+        "broadcast to the query heads *before* RoPE (head copies), GQA 4/2; eager divides the "
+        "scores in place (div_)",
+        **_TOKENS,
+        hidden_size=E,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=H,
+        num_kv_heads=HKV,
+        new_decoder_architecture=True,
+        alibi=False,
+        max_position_embeddings=MAX_POS,
+    ),
+    *_hf_entries(
+        "falcon-mqa",
+        "FalconForCausalLM",
+        "FalconConfig",
+        (MQA_SITE,) * LAYERS,
+        "falcon-7b style: multi-query (1 KV head, broadcast by the product, not repeated), "
+        "fused qkv, rotary, parallel attention",
+        **_TOKENS,
+        hidden_size=E,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=H,
+        multi_query=True,
+        new_decoder_architecture=False,
+        parallel_attn=True,
+        alibi=False,
+        max_position_embeddings=MAX_POS,
+    ),
+    *_hf_entries(
+        "stablelm",
+        "StableLmForCausalLM",
+        "StableLmConfig",
+        (GQA_SITE,) * LAYERS,
+        "per-head q/k LayerNorm (one LayerNorm per head), qkv bias, partial rotary 0.25, GQA 4/2",
+        **_DEC,
+        num_key_value_heads=HKV,
+        partial_rotary_factor=0.25,
+        qk_layernorm=True,
+        use_qkv_bias=True,
+    ),
+    *_hf_entries(
+        "olmo2",
+        "Olmo2ForCausalLM",
+        "Olmo2Config",
+        (GQA_SITE,) * LAYERS,
+        "q/k RMSNorm over the whole projection (all heads together), GQA 4/2",
+        **_DEC,
+        num_key_value_heads=HKV,
+    ),
+    *_hf_entries(
+        "granite",
+        "GraniteForCausalLM",
+        "GraniteConfig",
+        (GQA_SITE,) * LAYERS,
+        "attention_multiplier 0.3 as the scale (not 1/sqrt(D)), GQA 4/2",
+        **_DEC,
+        num_key_value_heads=HKV,
+        attention_multiplier=0.3,
+        embedding_multiplier=2.0,
+        residual_multiplier=0.5,
+        logits_scaling=4.0,
+    ),
+    *_hf_entries(
+        "cohere",
+        "CohereForCausalLM",
+        "CohereConfig",
+        (GQA_SITE,) * LAYERS,
+        "interleaved rotary, q/k LayerNorm with per-head weights, parallel block, GQA 4/2",
+        **_DEC,
+        num_key_value_heads=HKV,
+        use_qk_norm=True,
+    ),
+    *_hf_entries(
+        "mixtral",
+        "MixtralForCausalLM",
+        "MixtralConfig",
+        (GQA_SITE,) * LAYERS,
+        "sparse MoE MLP: a router softmax per layer that is not attention, GQA 4/2",
+        other_softmax=LAYERS,
+        **_DEC,
+        num_key_value_heads=HKV,
+        head_dim=D,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+    *_hf_entries(
+        "gpt-bigcode",
+        "GPTBigCodeForCausalLM",
+        "GPTBigCodeConfig",
+        (MQA_SITE,) * LAYERS,
+        "starcoder: multi-query, fused c_attn split [E, D, D]",
+        **_TOKENS,
+        n_embd=E,
+        n_layer=LAYERS,
+        n_head=H,
+        n_inner=FFN,
+        n_positions=MAX_POS,
+        multi_query=True,
+    ),
+    *_hf_entries(
+        "bart",
+        "BartModel",
+        "BartConfig",
+        (MHA_SITE,) * (3 * LAYERS),
+        "enc self x2, then dec (self, cross) x2, learned positions; decoder len = seq - 2",
+        inputs=_t5_inputs,
+        **_TOKENS,
+        d_model=E,
+        encoder_layers=LAYERS,
+        decoder_layers=LAYERS,
+        encoder_attention_heads=H,
+        decoder_attention_heads=H,
+        encoder_ffn_dim=FFN,
+        decoder_ffn_dim=FFN,
+        max_position_embeddings=MAX_POS,
+        decoder_start_token_id=2,
+    ),
+    *_hf_entries(
+        "distilbert",
+        "DistilBertModel",
+        "DistilBertConfig",
+        (MHA_SITE,) * LAYERS,
+        "encoder without token types, learned positions",
+        inputs=_encoder_inputs,
+        vocab_size=VOCAB,
+        pad_token_id=0,
+        dim=E,
+        n_layers=LAYERS,
+        n_heads=H,
+        hidden_dim=FFN,
+        max_position_embeddings=MAX_POS,
+    ),
+    *_hf_entries(
+        "albert",
+        "AlbertModel",
+        "AlbertConfig",
+        (MHA_SITE,) * LAYERS,
+        "encoder; one layer's weights shared by both layers, factorized embedding (16 -> 32)",
+        inputs=_encoder_inputs,
+        **_TOKENS,
+        embedding_size=16,
+        hidden_size=E,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=H,
+        intermediate_size=FFN,
+        max_position_embeddings=MAX_POS,
+    ),
+    *_hf_entries(
+        "clip-vision",
+        "CLIPVisionModel",
+        "CLIPVisionConfig",
+        (MHA_SITE,) * LAYERS,
+        "image encoder, pre-LayerNorm; seq ignored (5 tokens fixed)",
+        inputs=_vit_inputs,
+        hidden_size=E,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=H,
+        image_size=VIT_IMAGE,
+        patch_size=VIT_PATCH,
+        num_channels=3,
+    ),
+    *_hf_entries(
+        "siglip-vision",
+        "SiglipVisionModel",
+        "SiglipVisionConfig",
+        (MHA_SITE,) * LAYERS,
+        "image encoder without CLS (4 tokens fixed); the pooling head (nn.MultiheadAttention "
+        "with a learned probe as query, always eager) is left out: vision_use_head=False",
+        inputs=_vit_inputs,
+        vision_use_head=False,
+        hidden_size=E,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=H,
+        image_size=VIT_IMAGE,
+        patch_size=VIT_PATCH,
+        num_channels=3,
     ),
 ]
 
@@ -612,6 +864,48 @@ HAND_ENTRIES: list[ZooEntry] = [
 ]
 
 ZOO: list[ZooEntry] = HF_ENTRIES + TORCH_ENTRIES + HAND_ENTRIES
+
+
+# --------------------------------------------------------------------------- ALiBi (issue #16)
+# Position biases carried as the canonical op's ``alibi`` slopes (rewriter.patterns.alibi).
+
+
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """The ALiBi paper's slopes for a power-of-two head count: 2^(-8 (h + 1) / H)."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)])
+
+
+class BaddbmmAlibi(HandAttention):
+    """The hand-written ALiBi core: baddbmm(slopes[h] * key_pos, q, k^T, beta=1, alpha=1/sqrt(D)),
+    then a causal masked_fill."""
+
+    def core(self, q, k, v):
+        b, s = q.shape[:2]
+        q, k, v = (t.transpose(1, 2).reshape(b * H, s, D) for t in (q, k, v))
+        pos = torch.arange(s, device=q.device, dtype=torch.float32)
+        alibi = (alibi_slopes(H).to(q.device)[:, None, None] * pos).repeat(b, 1, 1)  # [B*H, 1, S]
+        scores = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=1 / math.sqrt(D))
+        keep = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
+        return torch.bmm(probs, v).view(b, H, s, D).transpose(1, 2)
+
+
+ALIBI_ENTRIES: list[ZooEntry] = [
+    *_hf_entries("bloom", "BloomForCausalLM", "BloomConfig", (MHA_SITE,) * LAYERS,
+                 "ALiBi via baddbmm(alibi, q, k^T) from the mask's cumsum; fused qkv",
+                 impls=("eager",), **_TOKENS, hidden_size=E, n_layer=LAYERS, n_head=H),
+    *_hf_entries("mpt", "MptForCausalLM", "MptConfig", (MHA_SITE,) * LAYERS,
+                 "ALiBi position_bias [H, 1, max_len] sliced and added to the scores",
+                 impls=("eager",), **_TOKENS, d_model=E, n_layers=LAYERS, n_heads=H,
+                 max_seq_len=MAX_POS),
+    *_hf_entries("falcon-alibi", "FalconForCausalLM", "FalconConfig", (MHA_SITE,) * LAYERS,
+                 "alibi=True: ALiBi added to the scores (and again, masked, as the mask)",
+                 impls=("eager",), **_DEC, alibi=True, new_decoder_architecture=False,
+                 multi_query=False),
+    _local("baddbmm-alibi", BaddbmmAlibi, (MHA_SITE,),
+           "hand-written baddbmm(alibi, q, k^T, beta=1, alpha=1/sqrt(D)) + causal fill"),
+]
+ZOO += ALIBI_ENTRIES
 
 
 def _negative(name: str, cls, notes: str) -> ZooEntry:

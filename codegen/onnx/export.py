@@ -30,6 +30,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from rewriter.codegen.onnx import lean
 from rewriter.codegen.onnx.translate import plan, translations
 from rewriter.errors import RewriterError, first_line
 from rewriter.io.atomic import atomic_file
@@ -84,7 +85,10 @@ def export_decoder(decoder, path: str | os.PathLike, target: str = "onnx", *,
     batch = None if decoder.static_batch else Dim("batch")
     seq, past = Dim("sequence"), Dim("past_sequence")
     shapes = ({0: batch, 1: seq}, *({0: batch, 2: past} for _ in decoder.cache),
-              *([{}] if decoder.bounded else []))  # past_length: a scalar, no dynamic axes
+              *([{}] if decoder.bounded else []),  # past_length: a scalar, no dynamic axes
+              # attention_mask [B, P + S] of a padded decoder: only its own ops read the
+              # length (rewriter.ir.padding), so it gets an axis of its own
+              *([{0: batch, 1: Dim("total_sequence")}] if decoder.padded else []))
     model = _to_onnx(decoder.module, tuple(decoder.example_inputs()), {}, shapes, plans,
                      names=(decoder.input_names, decoder.output_names))
     cache = [{"input": e.input_name, "output": e.output_name, "kv_heads": e.heads,
@@ -107,7 +111,9 @@ def _write(model: ir.Model, path: str | os.PathLike, target: str, plans, check: 
            external_data: bool | None, **extra) -> dict:
     """Write the model (external data as `export_program` says), check it by path, then move
     it into place with its manifest (``<path>.json``): a reader sees the old files or the
-    complete new ones, never a model without its data."""
+    complete new ones, never a model without its data. The graph is made lean first
+    (lean.lower: folded constants, fused normalizations)."""
+    lean.lower(model, target)
     path = Path(path)
     if external_data is None:
         external_data = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD

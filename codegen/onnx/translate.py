@@ -56,6 +56,7 @@ from rewriter.codegen.onnx.masks import (
     dim,
     keep_at,
     merge,
+    positions,
     sparsity_keep,
     to_4d,
     zero_nan,
@@ -63,11 +64,14 @@ from rewriter.codegen.onnx.masks import (
 from rewriter.codegen.onnx.topk import topk_keep
 from rewriter.ir.masks import MaskSpec
 from rewriter.ir.ops import attention as _registers_ops  # noqa: F401  (torch.ops.rewriter.*)
+from rewriter.ir.padding import padded_cached_attention as _registers_padded  # noqa: F401
 from rewriter.ir.topk import TopKSpec, parse_sparsity
 
 ATTENTION = torch.ops.rewriter.attention.default
 CACHED = torch.ops.rewriter.cached_attention.default
 BOUNDED = torch.ops.rewriter.bounded_cached_attention.default
+PADDED = torch.ops.rewriter.padded_cached_attention.default  # rewriter.ir.padding
+POSITIONS = torch.ops.rewriter.padding_positions.default
 STANDARD, DECOMPOSED, GQA, MHA = "Attention", "decomposed", "GroupQueryAttention", \
     "MultiHeadAttention"
 SPLIT_GQA, SPLIT_STANDARD = "split: GroupQueryAttention + banded", "split: Attention + banded"
@@ -100,10 +104,11 @@ def plan(module, sites: dict, target: str, decompose: bool = False) -> list[Site
     in graph order (the order torch.onnx translates them)."""
     plans, read = [], set()
     for node in module.graph.nodes:
-        if node.op != "call_function" or node.target not in (ATTENTION, CACHED, BOUNDED):
+        if node.op != "call_function" or node.target not in (ATTENTION, CACHED, BOUNDED,
+                                                             PADDED):
             continue
         site = sites.get(node.name)
-        cached = node.target in (CACHED, BOUNDED)
+        cached = node.target in (CACHED, BOUNDED, PADDED)
         bound = node.kwargs["bound"] if node.target is BOUNDED else None
         choice = choose_bounded if bound is not None else choose_cached if cached else choose
         op_name, reason = choice(node, site, target, decompose)
@@ -119,6 +124,8 @@ def choose(node, site, target: str, decompose: bool) -> tuple[str, str]:
     q, k, v = (a.meta["val"] for a in node.args[:3])
     attrs = node.kwargs
     hq, hkv = q.shape[1], k.shape[1]
+    if attrs.get("alibi"):
+        return _alibi_choice(decompose, hq, hkv)
     banded = None if decompose else _banded_choice(node, site)
     if banded is not None:
         return BANDED, banded
@@ -222,6 +229,8 @@ def choose_cached(node, site, target: str, decompose: bool) -> tuple[str, str]:
     del site
     q, k, v = (a.meta["val"] for a in node.args[:3])
     hq, hkv = q.shape[1], k.shape[1]
+    if node.kwargs.get("alibi"):
+        return _alibi_choice(decompose, hq, hkv, cached=True)
     if target == "onnx":
         return _standard_choice(decompose, hq, hkv, cached=True)
     if q.shape[-1] != v.shape[-1]:
@@ -256,6 +265,33 @@ def _standard_choice(decompose: bool, hq: int, hkv: int, cached: bool = False
         f", GQA {hq}/{hkv} native" if hq != hkv else "")
 
 
+def _alibi_choice(decompose: bool, hq: int, hkv: int, cached: bool = False
+                  ) -> tuple[str, str]:
+    """ALiBi sites, both targets: the standard op (or the decomposition) with the bias built
+    in-graph, slopes x key position ([1, Hq, 1, Sk], `alibi_mask`). ONNX Runtime's contrib
+    attention ops have no per-head linear bias attribute, and the banded path reads no
+    per-head additive bias."""
+    op_name, why = _standard_choice(decompose, hq, hkv)
+    return op_name, f"{why}; ALiBi slopes as an in-graph bias (slopes x key position" + (
+        ", over Concat(past, new))" if cached else ")")
+
+
+def alibi_mask(attn_mask, alibi, q, total, keep=None):
+    """The model's mask (bool, float or None) with the ALiBi bias added, and -inf where the
+    bool ``keep`` (built in-graph, or None) is False: a float mask [B|1, Hq, Sq|1, Sk] in q's
+    dtype; ``total``: the key count (scalar int64). Key j gets alibi[h] * j
+    (rewriter.ir.ops.alibi_bias: computed in fp32, then cast)."""
+    pos = op.Cast(op.Range(const(0), total, const(1)), to=ir.DataType.FLOAT)
+    slopes = const(np.asarray(alibi, dtype=np.float32).reshape(1, -1, 1, 1), np.float32)
+    add = op.CastLike(op.Mul(slopes, op.Unsqueeze(pos, const([0, 1, 2]))), q)  # [1, H, 1, Sk]
+    neg_inf = op.CastLike(const(float("-inf"), np.float32), q)
+    if attn_mask is not None and attn_mask.dtype == ir.DataType.BOOL:
+        add = op.Where(to_4d(attn_mask), add, neg_inf)
+    elif attn_mask is not None:
+        add = op.Add(op.CastLike(to_4d(attn_mask), q), add)
+    return add if keep is None else op.Where(keep, add, neg_inf)
+
+
 def _gqa_reason(what: str, hq: int, hkv: int, attrs: dict) -> str:
     spec = parse_sparsity(attrs.get("sparsity", ""))
     how = "local_window_size" if _plain_window(spec) else \
@@ -286,19 +322,24 @@ def translations(plans: list[SitePlan]) -> dict[object, Callable]:
                     GQA: group_query_cached}
 
     def rewriter_attention(q, k, v, attn_mask=None, *, scale: float, is_causal: bool = False,
-                           sparsity: str = "", softcap: float = 0.0):
+                           sparsity: str = "", softcap: float = 0.0, alibi=None):
         if not queue:
             raise RuntimeError("more rewriter::attention nodes than planned sites")
         site = queue.pop(0)
+        if alibi:
+            attn_mask = alibi_mask(attn_mask, alibi, q, dim(k, 2))
         return impls[site.op](q, k, v, attn_mask, scale=scale, is_causal=is_causal,
                               spec=parse_sparsity(sparsity), softcap=softcap)
 
     def rewriter_cached_attention(q, k, v, past_key, past_value, *, scale: float,
-                                  sparsity: str = "", softcap: float = 0.0):
+                                  sparsity: str = "", softcap: float = 0.0, alibi=None):
         if not cached_queue:
             raise RuntimeError("more rewriter::cached_attention nodes than planned sites")
         site = cached_queue.pop(0)
         spec = parse_sparsity(sparsity)
+        if alibi:
+            return alibi_cached(q, k, v, past_key, past_value, scale=scale, spec=spec,
+                                softcap=softcap, alibi=alibi, decompose=site.op == DECOMPOSED)
         # top-k reads all keys, which Attention's own past input keeps inside the op
         concat = site.rereads or isinstance(spec, TopKSpec)
         impl = standard_concat if site.op == STANDARD and concat else cached_impls[site.op]
@@ -315,8 +356,20 @@ def translations(plans: list[SitePlan]) -> dict[object, Callable]:
                               spec=MaskSpec.parse(sparsity), bound=bound, softcap=softcap,
                               decompose=site.op == DECOMPOSED)
 
+    def rewriter_padded_cached_attention(q, k, v, past_key, past_value, attention_mask, *,
+                                         scale: float, sparsity: str = "",
+                                         softcap: float = 0.0, alibi=None):
+        if not cached_queue:
+            raise RuntimeError("more rewriter::padded_cached_attention nodes than planned "
+                               "sites")
+        site = cached_queue.pop(0)
+        return padded_cached(q, k, v, past_key, past_value, attention_mask, site=site,
+                             scale=scale, spec=parse_sparsity(sparsity), softcap=softcap,
+                             alibi=alibi)
+
     return {ATTENTION: rewriter_attention, CACHED: rewriter_cached_attention,
-            BOUNDED: rewriter_bounded_cached_attention}
+            BOUNDED: rewriter_bounded_cached_attention, PADDED: rewriter_padded_cached_attention,
+            POSITIONS: padding_positions}
 
 
 def keep_mask(spec: MaskSpec | TopKSpec, q, k, sk=None, kv_heads: int | None = None):
@@ -470,6 +523,23 @@ def standard_concat(q, k, v, past_key, past_value, *, scale, spec: MaskSpec, sof
     return y, present_key, present_value
 
 
+def alibi_cached(q, k, v, past_key, past_value, *, scale, spec, softcap, alibi,
+                 decompose: bool):
+    """An ALiBi decoder site: Concat(past, new), then attention with the bottom-right causal
+    keep-mask (and the sparsity) as -inf and the ALiBi bias over all P + S keys (cache entry j
+    is position j, so the bias needs no offset)."""
+    present_key, present_value = _concat_cache(k, v, past_key, past_value)
+    total = _total_length(k, past_key)
+    mask = alibi_mask(None, alibi, q, total, keep=_cache_keep(spec, q, k, total, present_key))
+    if decompose:
+        y = decomposed(q, present_key, present_value, mask, scale=scale, is_causal=False,
+                       spec=MaskSpec(), softcap=softcap, kv_heads=k.shape[1])
+    else:
+        y, *_ = op.Attention(q, present_key, present_value, mask, scale=scale, is_causal=0,
+                             softcap=softcap)
+    return y, present_key, present_value
+
+
 def decomposed_cached(q, k, v, past_key, past_value, *, scale, spec: MaskSpec, softcap):
     """Concat the cache, then the decomposition with a bottom-right causal mask."""
     present_key, present_value = _concat_cache(k, v, past_key, past_value)
@@ -525,3 +595,50 @@ def evict(cache, total, sink: int, bound: int):
 
 
 _END = np.iinfo(np.int64).max
+
+
+# --- padded decoder sites: rewriter::padded_cached_attention (rewriter.ir.padding) ---------
+
+def padding_positions(attention_mask, input_ids):
+    """[B, S] int64: CumSum(attention_mask, 1) - 1, its last S columns (pads: -1)."""
+    pos = op.Sub(op.CumSum(op.Cast(attention_mask, to=ir.DataType.INT64), const(1)), const(1))
+    return op.Slice(pos, op.Neg(op.Shape(input_ids, start=1, end=2)), const([_END]),
+                    const([1]))
+
+
+def _pad_keep(attention_mask, q, k, total):
+    """[B, 1, S, P+S] bool: key j is a token (attention_mask[b, j] == 1) or query i's own
+    key (j == P + i), so no row is empty."""
+    real = op.Unsqueeze(op.Cast(attention_mask, to=ir.DataType.BOOL), const([1, 2]))
+    q_pos, offset, k_pos = positions(q, k, total)
+    own = op.Unsqueeze(op.Equal(k_pos, op.Add(q_pos, offset)), const([0, 1]))
+    return op.Or(real, own)
+
+
+def padded_cached(q, k, v, past_key, past_value, attention_mask, *, site: SitePlan, scale,
+                  spec: MaskSpec, softcap, alibi=None):
+    """A padded decoder site: the cached site's op with the pad keys masked.
+    GroupQueryAttention gets them in attention_bias with seqlens_k = P + S - 1 in every row:
+    its seqlens_k describes right padding (valid keys 0..seqlens_k), while a left-padded
+    batch's pads sit before each row's tokens in a cache of one length. Attention and the
+    decomposition get the bool mask (causal bottom-right, sparsity, pads)."""
+    total = _total_length(k, past_key)
+    pads = _pad_keep(attention_mask, q, k, total)
+    if site.op == GQA:  # an additive float mask: bias() tells bool masks by a dtype that
+        # values built here do not carry
+        neg_inf = op.CastLike(const(float("-inf"), np.float32), q)
+        add = op.Where(pads, op.CastLike(const(0.0, np.float32), q), neg_inf)
+        return _group_query(q, k, v, past_key, past_value, total, add, scale=scale,
+                            spec=spec, softcap=softcap)
+    present_key, present_value = _concat_cache(k, v, past_key, past_value)
+    keep = op.And(_cache_keep(spec, q, k, total, present_key), pads)
+    mask = alibi_mask(None, alibi, q, total, keep=keep) if alibi else keep
+    if site.op == DECOMPOSED:
+        y = decomposed(q, present_key, present_value, mask if alibi else None, scale=scale,
+                       is_causal=False, spec=MaskSpec(), softcap=softcap,
+                       keep=None if alibi else keep, kv_heads=k.shape[1])
+    else:
+        y, *_ = op.Attention(q, present_key, present_value, mask, scale=scale, is_causal=0,
+                             softcap=softcap)
+    return y, present_key, present_value
+

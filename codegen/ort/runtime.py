@@ -10,21 +10,32 @@ import numpy as np
 import torch
 
 from rewriter.errors import RewriterError
+from rewriter.ir.padding import AttentionMaskError, check_attention_mask
 
 __all__ = ["generate", "run", "session"]
 
 
-def generate(sess, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+def generate(sess, input_ids: torch.Tensor, max_new_tokens: int,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy decoding with a decoder exported with ``kv_cache=True``: the prompt [B, S]
     followed by ``max_new_tokens`` tokens. The cache starts empty ([B, Hkv, 0, D], shapes
     read from the session's inputs) and each step feeds back the present tensors (and, for a
-    bounded decoder, past_length: 0, then present_length)."""
-    inputs = sess.get_inputs()
+    bounded decoder, past_length: 0, then present_length). ``attention_mask`` [B, S] (1
+    token, 0 pad) for left-padded prompts needs a decoder exported with ``padded=True``
+    (it takes attention_mask [B, P + S], grown by one column per step)."""
+    inputs = [i for i in sess.get_inputs() if i.name != "attention_mask"]
+    padded = len(inputs) < len(sess.get_inputs())
     names = [i.name for i in inputs]
     if len(names) < 2 or names[0] != "input_ids" \
             or not all(n.startswith("past_") for n in names[1:]):
         raise ValueError(f"not a decoder with a KV cache (inputs: {names}); export with "
                          "kv_cache=True")
+    mask = None
+    if attention_mask is not None:
+        mask = _numpy(check_attention_mask(torch.as_tensor(input_ids), attention_mask))
+        if not padded and not mask.all():
+            raise AttentionMaskError("this ONNX decoder has no attention_mask input: export it "
+                                     "with kv_cache=True, padded=True for left-padded batches")
     outputs = [o.name for o in sess.get_outputs()]
     present = [outputs.index(n.replace("past_", "present_", 1)) for n in names[1:]]
     batch = input_ids.shape[0]
@@ -32,12 +43,19 @@ def generate(sess, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor
             np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=_numpy_dtype(i.type))
             for i in inputs[1:]]
     step = _numpy(input_ids).astype(np.int64)
+    if padded and mask is None:
+        mask = np.ones(step.shape, dtype=np.int64)
     out = [step]
     for _ in range(max_new_tokens):
-        results = sess.run(None, {"input_ids": step, **dict(zip(names[1:], past, strict=True))})
+        feed = {"input_ids": step, **dict(zip(names[1:], past, strict=True))}
+        if padded:
+            feed["attention_mask"] = mask
+        results = sess.run(None, feed)
         step = results[0][:, -1].argmax(-1)[:, None].astype(np.int64)
         out.append(step)
         past = [results[j] for j in present]
+        if padded:
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
     return torch.from_numpy(np.concatenate(out, axis=1))
 
 

@@ -27,12 +27,12 @@ __all__ = ["BACKEND", "KernelSpec", "TritonBackend", "attention_triton", "triton
 
 
 def triton_attention(q, k, v, attn_mask=None, *, scale, is_causal=False, sparsity="",
-                     softcap=0.0, **tiles):
+                     softcap=0.0, alibi=None, **tiles):
     """Run the generated kernel directly (raises SpecError where it cannot serve the call)."""
     from rewriter.codegen.triton.launch import triton_attention as run
 
     return run(q, k, v, attn_mask, scale=scale, is_causal=is_causal, sparsity=sparsity,
-               softcap=softcap, **tiles)
+               softcap=softcap, alibi=alibi, **tiles)
 
 
 class TritonBackend:
@@ -67,7 +67,7 @@ class TritonBackend:
                                  dtype=dtype or torch.float32,
                                  causal=site.is_causal if is_causal is None else is_causal,
                                  softcap=site.softcap if softcap is None else softcap,
-                                 mask=mask, sparsity=sparsity)
+                                 mask=mask, sparsity=sparsity, alibi=bool(site.alibi))
 
     def topk_spec(self, site, *, dtype=None, mask: str = "none", sparsity: str | None = None,
                   softcap: float | None = None, **_) -> TopKSpec:
@@ -75,6 +75,8 @@ class TritonBackend:
         from rewriter.codegen.triton.topk import check
 
         spec = TopKSpec.parse(site.sparsity if sparsity is None else sparsity)
+        if site.alibi:
+            raise SpecError("topk with ALiBi: the top-k kernel has no position bias")
         check(spec, dtype=dtype or torch.float32, head_dim=site.head_dim,
               v_head_dim=site.v_head_dim, mask=mask,
               softcap=site.softcap if softcap is None else softcap)

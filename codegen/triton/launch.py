@@ -44,15 +44,16 @@ def _window_table(sparsity: str, num_heads: int, device: str) -> Tensor:
 
 
 def kernel_spec(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, *, is_causal: bool,
-                sparsity: str, softcap: float) -> KernelSpec:
+                sparsity: str, softcap: float, alibi=None) -> KernelSpec:
     return KernelSpec.create(head_dim=q.shape[-1], v_head_dim=v.shape[-1],
                              group=q.shape[1] // k.shape[1], dtype=q.dtype, causal=is_causal,
-                             softcap=softcap, mask=mask_kind(attn_mask), sparsity=sparsity)
+                             softcap=softcap, mask=mask_kind(attn_mask), sparsity=sparsity,
+                             alibi=bool(alibi))
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, *,
                      scale: float, is_causal: bool = False, sparsity: str = "",
-                     softcap: float = 0.0, block_m: int | None = None,
+                     softcap: float = 0.0, alibi=None, block_m: int | None = None,
                      block_n: int | None = None) -> Tensor:
     """rewriter::attention through the generated kernel (forward only). q [B, Hq, Sq, D],
     k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv] -> [B, Hq, Sq, Dv]. Raises SpecError for what the
@@ -62,10 +63,14 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None =
 
         if softcap > 0:
             raise SpecError("topk with softcap: the Triton kernel has none")
+        if alibi:
+            raise SpecError("topk with ALiBi: the top-k kernel has no position bias")
         return topk_triton_attention(q, k, v, attn_mask, scale=scale,
                                      spec=TopKSpec.parse(sparsity), is_causal=is_causal)
     spec = kernel_spec(q, k, v, attn_mask, is_causal=is_causal, sparsity=sparsity,
-                       softcap=softcap)
+                       softcap=softcap, alibi=alibi)
+    if alibi and len(alibi) != q.shape[1]:
+        raise SpecError(f"{len(alibi)} ALiBi slopes for {q.shape[1]} query heads")
     if spec.neighborhood is not None:
         MaskSpec.parse(sparsity).rows(0, 0, q.shape[2], k.shape[2])  # token count check
     kernel = cache.load(spec)
@@ -82,6 +87,9 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None =
         extra += [mask, *mask.stride()]
     if spec.per_head:
         extra.append(_window_table(sparsity, hq, str(q.device)))
+    if spec.alibi:
+        extra.append(torch.tensor([float(a) for a in alibi], dtype=torch.float32,
+                                  device=q.device))
     grid = (-(-sq // (bm // spec.heads_per_tile)), b * hkv * (spec.group // spec.heads_per_tile))
     kernel[grid](
         q, k, v, out, *extra,

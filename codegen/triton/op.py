@@ -11,6 +11,7 @@ cannot reach (CPU without TRITON_INTERPRET=1) or a call the generator does not s
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -34,9 +35,12 @@ def attention_triton(
     is_causal: bool = False,
     sparsity: str = "",
     softcap: float = 0.0,
+    alibi: Sequence[float] | None = None,
 ) -> Tensor:
     """rewriter::attention through a generated Triton kernel (eager where none can run)."""
     attrs = {"scale": scale, "is_causal": is_causal, "sparsity": sparsity, "softcap": softcap}
+    if alibi:
+        attrs["alibi"] = [float(a) for a in alibi]
     if can_run_on(q):
         from rewriter.codegen.triton.launch import triton_attention
 
@@ -48,7 +52,8 @@ def attention_triton(
 
 
 @attention_triton.register_fake
-def _fake(q, k, v, attn_mask=None, *, scale, is_causal=False, sparsity="", softcap=0.0):
+def _fake(q, k, v, attn_mask=None, *, scale, is_causal=False, sparsity="", softcap=0.0,
+          alibi=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

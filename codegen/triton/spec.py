@@ -50,6 +50,7 @@ class KernelSpec:
     neighborhood: int | None = None  # kernel size K of a grid neighbourhood (rewriter.ir.masks)
     grid: tuple[int, ...] | None = None  # (H, W) or (T, H, W), row-major
     globals_: int = 0  # tokens before the grid
+    alibi: bool = False  # ALiBi: + slope[head] * key index, slopes from argument Slopes
 
     # --- naming --------------------------------------------------------------------------
 
@@ -88,13 +89,18 @@ class KernelSpec:
             parts.append("softcap")
         if self.mask != "none":
             parts.append(f"{self.mask}mask")
+        if self.alibi:
+            parts.append("alibi")
         parts.append(self.dtype)
         return "_".join(parts)
 
     @property
     def key(self) -> str:
         """Cache key: a hash of the specialization and the generator version."""
-        text = json.dumps({"v": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if not self.alibi:  # kernels without ALiBi keep the keys they had before it existed
+            del fields["alibi"]
+        text = json.dumps({"v": GENERATOR_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -104,7 +110,8 @@ class KernelSpec:
 
     @classmethod
     def create(cls, *, head_dim: int, v_head_dim: int, group: int, dtype: torch.dtype,
-               causal: bool, softcap: float, mask: str, sparsity: str) -> KernelSpec:
+               causal: bool, softcap: float, mask: str, sparsity: str,
+               alibi: bool = False) -> KernelSpec:
         """Raises SpecError (with the reason) for what the generator does not serve."""
         if dtype not in DTYPES:
             raise SpecError(f"dtype {dtype} (supported: fp32, fp16, bf16)")
@@ -120,7 +127,7 @@ class KernelSpec:
             return cls(head_dim=head_dim, v_head_dim=v_head_dim, group=group,
                        dtype=DTYPES[dtype], causal=bool(causal), softcap=softcap > 0, mask=mask,
                        dilation=spec.dilation, neighborhood=spec.neighborhood, grid=spec.grid,
-                       globals_=spec.globals_)
+                       globals_=spec.globals_, alibi=bool(alibi))
         window = per_head = None
         if not spec.is_dense:
             per_head = spec.heads is not None
@@ -129,7 +136,7 @@ class KernelSpec:
                    dtype=DTYPES[dtype], causal=bool(causal), softcap=softcap > 0, mask=mask,
                    window=window, per_head=bool(per_head),
                    sink=0 if spec.is_dense else spec.sink,
-                   dilation=1 if spec.is_dense else spec.dilation)
+                   dilation=1 if spec.is_dense else spec.dilation, alibi=bool(alibi))
 
 
 def mask_kind(attn_mask) -> str:

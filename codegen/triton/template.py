@@ -120,7 +120,8 @@ def _describe(spec: KernelSpec) -> str:
             f"head(s) per KV head ({spec.heads_per_tile} packed per tile), {spec.dtype},\n"
             f"{'is_causal (top-left)' if spec.causal else 'not causal'}, sparsity: "
             f"{sparsity} (bottom-right), {mask}, "
-            f"{'softcap' if spec.softcap else 'no softcap'}.")
+            f"{'softcap' if spec.softcap else 'no softcap'}"
+            f"{', ALiBi (+ slope[head] * key index, argument Slopes)' if spec.alibi else ''}.")
 
 
 def _header(spec: KernelSpec) -> str:
@@ -158,6 +159,8 @@ def _tile_fn(spec: KernelSpec) -> str:
     params.append("row_ok, q_idx,  # [BLOCK_M]: valid rows, query index of each row")
     if spec.per_head:
         params.append("win,  # [BLOCK_M] window of each row's head")
+    if spec.alibi:
+        params.append("slope,  # [BLOCK_M] ALiBi slope of each row's head")
     params.append("Sk, offset, scale, softcap,")
     params.append("BLOCK_N: tl.constexpr, MASKED: tl.constexpr,")
     out = ["@triton.jit", "def _attend_tile("]
@@ -184,6 +187,8 @@ def _tile_fn(spec: KernelSpec) -> str:
                 "    s = softcap * (2.0 * tl.sigmoid(s * (2.0 * scale / softcap)) - 1.0)"]
     else:
         out.append("    s = s * scale")
+    if spec.alibi:
+        out.append("    s = s + slope[:, None] * offs_n[None, :].to(tl.float32)  # ALiBi")
     if spec.mask != "none":
         m_mask = "row_ok[:, None] & in_range[None, :]"
         load_masked = _load("mask_rows + offs_n[None, :] * stride_mk", m_mask)
@@ -232,6 +237,8 @@ def _kernel_fn(spec: KernelSpec) -> str:
         args.append("Mask, stride_mb, stride_mh, stride_ms, stride_mk,")
     if spec.per_head:
         args.append("Windows,  # [Hq] int32 window per query head")
+    if spec.alibi:
+        args.append("Slopes,  # [Hq] fp32 ALiBi slope per query head")
     args += ["stride_qb, stride_qh, stride_qs,",
              "stride_kb, stride_kh, stride_ks,",
              "stride_vb, stride_vh, stride_vs,",
@@ -270,6 +277,8 @@ def _kernel_fn(spec: KernelSpec) -> str:
         out += [f"    win = tl.load(Windows + head, mask=row_ok, other={FULL_WINDOW})",
                 "    w_max = tl.max(tl.where(row_ok, win, 0), 0)",
                 f"    w_min = tl.min(tl.where(row_ok, win, {FULL_WINDOW}), 0)"]
+    if spec.alibi:
+        out.append("    slope = tl.load(Slopes + head, mask=row_ok, other=0.0)")
     out += _ranges(spec)
     out += ["    m_i = tl.full([BLOCK_M], float(\"-inf\"), tl.float32)",
             "    l_i = tl.zeros([BLOCK_M], tl.float32)",
@@ -278,6 +287,7 @@ def _kernel_fn(spec: KernelSpec) -> str:
             "            acc, l_i, m_i, q, start_n, K_tile, V_tile, stride_ks, stride_vs,\n"
             "            " + ("mask_rows, stride_mk, " if spec.mask != "none" else "")
             + "row_ok, q_idx, " + ("win, " if spec.per_head else "")
+            + ("slope, " if spec.alibi else "")
             + "Sk, offset, scale, softcap, BLOCK_N, MASKED={masked})")
     loops = []
     if spec.sink:

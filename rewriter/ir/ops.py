@@ -13,6 +13,10 @@ Semantics, in this order::
 
     s = (q @ k^T) * scale
     s = softcap * tanh(s / softcap)            if softcap > 0
+    s = s + alibi[h] * kv_idx                  if alibi (ALiBi: one slope per query head h;
+                                               kv_idx the key's index 0..Sk-1, which is its
+                                               position in a KV cache: the query's own position
+                                               only shifts a row, and softmax ignores that)
     s = s + attn_mask                          float mask (additive), broadcast to [B, Hq, Sq, Sk]
     s = s.masked_fill(~attn_mask, -inf)        bool mask (True = attend)
     s = s.masked_fill(~causal, -inf)           if is_causal (top-left aligned, as in SDPA)
@@ -28,6 +32,7 @@ where the semantics coincide, so a canonicalized model matches the original to f
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +42,8 @@ from rewriter.ir import blocksparse
 from rewriter.ir.masks import MaskSpec, causal_mask
 from rewriter.ir.topk import TopKSpec, is_topk, topk_attention
 
-__all__ = ["attention", "attention_grads", "bounded_cached_attention", "cached_attention",
-           "evict", "reference_attention", "reference_probs"]
+__all__ = ["alibi_bias", "attention", "attention_grads", "bounded_cached_attention",
+           "cached_attention", "evict", "reference_attention", "reference_probs", "with_alibi"]
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -46,6 +51,32 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
                  lambda: "rewriter::attention expects 4-D q, k, v ([B, H, S, D])")
     torch._check(q.shape[1] % k.shape[1] == 0,
                  lambda: f"query heads {q.shape[1]} not a multiple of kv heads {k.shape[1]}")
+
+
+def alibi_bias(alibi: Sequence[float], sk: int, device=None,
+               dtype: torch.dtype = torch.float32, start: int = 0) -> Tensor:
+    """[1, H, 1, Sk] additive ALiBi bias: ``alibi[h] * (start + kv_idx)``, computed in fp32 (as
+    BLOOM and MPT compute theirs) and cast to ``dtype``."""
+    slopes = torch.tensor([float(a) for a in alibi], dtype=torch.float32, device=device)
+    pos = torch.arange(start, start + sk, device=device, dtype=torch.float32)
+    return (slopes.view(1, -1, 1, 1) * pos.view(1, 1, 1, -1)).to(dtype)
+
+
+def with_alibi(attn_mask: Tensor | None, alibi: Sequence[float] | None, q: Tensor,
+               sk: int) -> Tensor | None:
+    """``attn_mask`` with the ALiBi bias folded in: a float mask broadcastable to
+    [B, Hq, Sq, Sk] (a bool mask becomes -inf where it is False). Unchanged without alibi."""
+    if not alibi:
+        return attn_mask
+    torch._check(len(alibi) == q.shape[1],
+                 lambda: f"alibi has {len(alibi)} slopes for {q.shape[1]} query heads")
+    acc = torch.promote_types(q.dtype, torch.float32)
+    bias = alibi_bias(alibi, sk, q.device, acc)
+    if attn_mask is None:
+        return bias
+    if attn_mask.dtype == torch.bool:
+        return bias.masked_fill(~attn_mask, float("-inf"))
+    return attn_mask.to(acc) + bias
 
 
 def reference_probs(
@@ -57,10 +88,12 @@ def reference_probs(
     is_causal: bool = False,
     sparsity: str = "",
     softcap: float = 0.0,
+    alibi: Sequence[float] | None = None,
 ) -> Tensor:
     """Attention probabilities [B, Hq, Sq, Sk] in fp32, or float64 for float64 inputs (rows
     with no key left are zeros)."""
     _check_shapes(q, k, k)
+    attn_mask = with_alibi(attn_mask, alibi, q, k.shape[-2])
     keys = k  # as given: top-k selects per KV head
     group = q.shape[1] // k.shape[1]
     if group > 1:
@@ -94,11 +127,12 @@ def reference_attention(
     is_causal: bool = False,
     sparsity: str = "",
     softcap: float = 0.0,
+    alibi: Sequence[float] | None = None,
 ) -> Tensor:
     """Naive reference: materializes the scores. The definition the other paths are held to."""
     _check_shapes(q, k, v)
     p = reference_probs(q, k, attn_mask, scale=scale, is_causal=is_causal, sparsity=sparsity,
-                        softcap=softcap)
+                        softcap=softcap, alibi=alibi)
     group = q.shape[1] // v.shape[1]
     if group > 1:
         v = v.repeat_interleave(group, dim=1)
@@ -130,8 +164,11 @@ def attention(
     is_causal: bool = False,
     sparsity: str = "",
     softcap: float = 0.0,
+    alibi: Sequence[float] | None = None,
 ) -> Tensor:
     """Canonical attention (see the module docstring for shapes and semantics)."""
+    if alibi:  # an additive bias like any float mask: every path below takes one
+        attn_mask = with_alibi(attn_mask, alibi, q, k.shape[-2])
     if softcap > 0:
         return reference_attention(
             q, k, v, attn_mask, scale=scale, is_causal=is_causal, sparsity=sparsity,
@@ -201,7 +238,8 @@ def _head_parts(sparsity: str, hq: int, hkv: int) -> list[tuple[list, list, str]
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, attn_mask=None, *, scale, is_causal=False, sparsity="", softcap=0.0):
+def _attention_fake(q, k, v, attn_mask=None, *, scale, is_causal=False, sparsity="", softcap=0.0,
+                    alibi=None):
     _check_shapes(q, k, v)
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
@@ -221,6 +259,7 @@ def cached_attention(
     scale: float,
     sparsity: str = "",
     softcap: float = 0.0,
+    alibi: Sequence[float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Causal self-attention of S new tokens over a KV cache (the decoder's form of the op).
 
@@ -229,31 +268,36 @@ def cached_attention(
         -> out [B, Hq, S, Dv], present_key [B, Hkv, P+S, D], present_value [B, Hkv, P+S, Dv]
 
     present = cat(past, new) on the sequence axis; query i sits at position P+i and sees keys
-    0..P+i (bottom-right causal), then ``sparsity`` and ``softcap`` as in ``attention``."""
+    0..P+i (bottom-right causal), then ``sparsity``, ``softcap`` and ``alibi`` as in
+    ``attention`` (cache entry j is position j, so ALiBi's ``slope * kv_idx`` is exact)."""
     present_key = torch.cat([past_key, k], dim=2)
     present_value = torch.cat([past_value, v], dim=2)
     out = _attend_cache(q, present_key, present_value, scale=scale, sparsity=sparsity,
-                        softcap=softcap)
+                        softcap=softcap, alibi=alibi)
     return out, present_key, present_value
 
 
 def _attend_cache(q: Tensor, keys: Tensor, values: Tensor, *, scale: float, sparsity: str,
-                  softcap: float) -> Tensor:
+                  softcap: float, alibi: Sequence[float] | None = None) -> Tensor:
     """S queries at the end of contiguous keys 0..T-1, bottom-right causal, with the cheapest
     equivalent mask: none for one query (it sees every key), SDPA's own causal flag when there
     is no past (top-left == bottom-right), else an explicit [S, T] mask."""
     new, total = q.shape[2], keys.shape[2]
+    extra = {"alibi": list(alibi)} if alibi else {}
     if new == 1:
-        return attention(q, keys, values, scale=scale, sparsity=sparsity, softcap=softcap)
+        return attention(q, keys, values, scale=scale, sparsity=sparsity, softcap=softcap,
+                         **extra)
     if new == total:
         return attention(q, keys, values, scale=scale, is_causal=True, sparsity=sparsity,
-                         softcap=softcap)
+                         softcap=softcap, **extra)
     keep = causal_mask(new, total).to(q.device)
-    return attention(q, keys, values, keep, scale=scale, sparsity=sparsity, softcap=softcap)
+    return attention(q, keys, values, keep, scale=scale, sparsity=sparsity, softcap=softcap,
+                     **extra)
 
 
 @cached_attention.register_fake
-def _cached_attention_fake(q, k, v, past_key, past_value, *, scale, sparsity="", softcap=0.0):
+def _cached_attention_fake(q, k, v, past_key, past_value, *, scale, sparsity="", softcap=0.0,
+                           alibi=None):
     _check_shapes(q, k, v)
     torch._check(past_key.dim() == 4 and past_value.dim() == 4,
                  lambda: "rewriter::cached_attention expects 4-D past_key/past_value")
@@ -338,7 +382,8 @@ def _bounded_cached_attention_fake(q, k, v, past_key, past_value, past_length, *
 
 def attention_grads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, grad_out: Tensor,
                     *, scale: float, is_causal: bool = False, sparsity: str = "",
-                    softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                    softcap: float = 0.0, alibi: Sequence[float] | None = None,
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(dq, dk, dv, dmask) of ``attention`` for the output gradient ``grad_out`` [B, Hq, Sq, Dv];
     dmask is None unless the mask is a float (additive) mask, then it has the mask's shape."""
     group = q.shape[1] // k.shape[1]
@@ -346,7 +391,7 @@ def attention_grads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, g
     kk = k.repeat_interleave(group, dim=1).to(acc) if group > 1 else k.to(acc)
     vv = v.repeat_interleave(group, dim=1).to(acc) if group > 1 else v.to(acc)
     p = reference_probs(q, k, attn_mask, scale=scale, is_causal=is_causal, sparsity=sparsity,
-                        softcap=softcap)  # [B, Hq, Sq, Sk]
+                        softcap=softcap, alibi=alibi)  # [B, Hq, Sq, Sk]
     go = grad_out.to(acc)
     dv = p.transpose(-1, -2) @ go  # [B, Hq, Sk, Dv]
     dp = go @ vv.transpose(-1, -2)

@@ -68,6 +68,7 @@ class AttentionSite:
     v_proj: Projection | None = None
     o_proj: Projection | None = None
     sparsity: str = ""  # MaskSpec string on the canonical node ("" = dense)
+    alibi: tuple[float, ...] = ()  # ALiBi slopes per query head (the node's alibi attribute)
     kv_source: int | None = None  # share-kv: the site whose K/V this one reads
     attn_source: int | None = None  # share-attn: the site whose probabilities this one reuses
     node: str = ""  # the canonical rewriter.attention node
@@ -104,4 +105,5 @@ class AttentionSite:
             d[key] = None if p is None else Projection(
                 p["node"], p["weight"], p["bias"], p["kind"],
                 tuple(tuple(f) for f in p["features"]), p.get("total", 0))
+        d["alibi"] = tuple(d.get("alibi") or ())
         return cls(**d)

@@ -164,3 +164,49 @@ def test_rope_on_q_only_is_reported_per_side():
     assert site.positional != "rope"
     assert "q:rope" in site.positional and "k:none" in site.positional
     assert_numeric(prog, model)
+
+
+class FullSliceRotary(Rotary):
+    """GPT-J / CodeGen partial RoPE: ``x[:, :, :, :r]`` and ``x[:, :, :, r:]`` are written with
+    explicit full slices, which export as separate no-op ``slice`` nodes on each side, so the
+    rotated part and the passed-through part are not sliced from the same node. ``passed_from``
+    "other": the pass-through half is sliced from a different tensor (not partial RoPE of x)."""
+
+    def __init__(self, kind: str, passed_from: str = "same"):
+        super().__init__(kind, HEAD // 2)
+        self.passed_from = passed_from
+
+    def rope(self, x, cos, sin):
+        r = self.rotary_dim
+        rotate = rotate_every_two if self.kind == "interleaved" else rotate_half
+        x_rot = x[:, :, :, :r]
+        other = x if self.passed_from == "same" else x * 2.0 + 1.0
+        x_pass = other[:, :, :, r:]
+        return torch.cat((x_rot * cos + rotate(x_rot) * sin, x_pass), dim=-1)
+
+
+@pytest.mark.parametrize("kind", ["half", "interleaved"])
+def test_partial_rope_through_full_slices(kind):
+    model = FullSliceRotary(kind)
+    prog = capture(model, hidden(*SHAPES[0]))
+    site = only_site(prog)
+    assert site.positional == "rope-partial"
+    for name, proj in (("q", site.q_proj), ("k", site.k_proj)):
+        assert proj is not None and proj.weight == f"{name}_proj.weight", site.notes
+        assert proj.features == tuple(tuple(range(h * HEAD, (h + 1) * HEAD))
+                                      for h in range(HEADS))
+    assert site.notes == []
+    assert_numeric(prog, model)
+
+
+def test_partial_rope_negative_pass_through_from_another_tensor():
+    """cat(rope(x[..., :r]), y[..., r:]) with y computed from x is not a positional transform
+    of x: no rope-partial, and q/k get no projection (with a note) rather than a wrong one."""
+    model = FullSliceRotary("half", passed_from="other")
+    prog = capture(model, hidden(*SHAPES[0]))
+    site = only_site(prog)
+    assert "rope" not in site.positional
+    for side in ("q", "k"):
+        assert getattr(site, f"{side}_proj") is None
+        assert any(n.startswith(f"{side}: ") for n in site.notes), site.notes
+    assert_numeric(prog, model)

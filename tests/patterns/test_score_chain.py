@@ -38,6 +38,8 @@ SCALE_CORES = {
     "mul-after": lambda q, k, v: attend(qk(q, k) * SCALE, v),
     "mul-after-left": lambda q, k, v: attend(SCALE * qk(q, k), v),
     "div-after": lambda q, k, v: attend(qk(q, k) / math.sqrt(D), v),
+    # Falcon: `scores /= math.sqrt(D)` exports as the in-place aten.div_.Tensor.
+    "div-inplace": lambda q, k, v: attend(qk(q, k).div_(math.sqrt(D)), v),
     "q-prescaled": lambda q, k, v: attend(qk(q * SCALE, k), v),
     "q-prescaled-div": lambda q, k, v: attend(qk(q / math.sqrt(D), k), v),
     "k-prescaled": lambda q, k, v: attend(qk(q, k * SCALE), v),
@@ -65,6 +67,15 @@ def test_negative_scores_times_tensor():
 
     (reason,) = rejection_reasons(Attn(core), hidden(*SHAPES[0]))
     assert "multiplies the scores by a tensor" in reason
+
+
+def test_negative_scores_divided_in_place_by_tensor():
+    def core(q, k, v):
+        gate = torch.sigmoid(q.mean(-1, keepdim=True)) + 1.0  # data-dependent, not a scale
+        return attend(qk(q, k).div_(gate), v)
+
+    (reason,) = rejection_reasons(Attn(core), hidden(*SHAPES[0]))
+    assert "by a tensor" in reason
 
 
 # --- masks ------------------------------------------------------------------------------------
