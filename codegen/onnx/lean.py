@@ -43,6 +43,9 @@ _COMPUTE = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE})  # stash_type of t
 # the input types ORT's CPU Skip*LayerNormalization kernels take
 _SKIP_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
 FOLD_INPUT_LIMIT = 8192  # elements: constants up to this size are folded (onnxscript's default)
+# elements a folded value may have: scalars, axes and shapes fold; position tables and masks
+# (S or S x S elements, computed in-graph on purpose) do not become initializers
+FOLD_OUTPUT_LIMIT = 64
 
 
 def lower(model: ir.Model, target: str) -> dict[str, int]:
@@ -50,7 +53,8 @@ def lower(model: ir.Model, target: str) -> dict[str, int]:
     ("onnx" or "ort"); returns how many times each rule fired (an RMSNormalization that a
     Skip rule then took counts under both)."""
     _type_attention_outputs(model)
-    fold_constants(model, should_fold=_small_inputs_only, onnx_shape_inference=True)
+    fold_constants(model, should_fold=_small_inputs_only, onnx_shape_inference=True,
+                   output_size_limit=FOLD_OUTPUT_LIMIT)
     counts = {"RMSNormalization": 0, "SkipSimplifiedLayerNormalization": 0,
               "SkipLayerNormalization": 0}
     if ort_runs_rms_normalization():
