@@ -95,16 +95,17 @@ def test_teacher_runs_on_the_student_inputs(zoo_captured):
         check_aligned(s, Sequential(c.prog.module, c.prog.sites[:1]))
 
 
-def test_gqa_fit_calibrates_layer_by_layer(zoo_captured, monkeypatch):
-    """Site 1 is observed only after site 0 is merged: its statistics come from the inputs the
-    merged layer 0 produces."""
+def _spied_gqa_fit(prog, monkeypatch) -> tuple[list, list]:
+    """Run a calibrated gqa fit on ``prog``, recording ("observe", site) for each observed
+    batch and ("merge", site) for each merge, and, at each merge, the sites whose activations
+    are still held."""
     from rewriter.passes import gqa
 
-    c = zoo_captured("llama-sdpa")
-    events = []
+    events, held, tables = [], [], []
     observer_of, convert_site = gqa.GqaPass._observer, gqa.GqaPass._convert_site
 
     def spy_observer(self, wanted, stats, running):
+        tables.append(stats)
         inner = observer_of(self, wanted, stats, running)
 
         def observer(site, *args):
@@ -116,13 +117,21 @@ def test_gqa_fit_calibrates_layer_by_layer(zoo_captured, monkeypatch):
 
     def spy_convert(self, program, site, acts, fit, groups=None):
         events.append(("merge", site.index))
+        held.append((site.index, sorted(k for t in tables for k in t)))
         return convert_site(self, program, site, acts, fit, groups)
 
     monkeypatch.setattr(gqa.GqaPass, "_observer", spy_observer)
     monkeypatch.setattr(gqa.GqaPass, "_convert_site", spy_convert)
     calib = [torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(i))
              for i in range(2)]
-    rw.rewrite(c.prog, "gqa:kv-heads=1,merge=fit", calibration=calib)
+    rw.rewrite(prog, "gqa:kv-heads=1,merge=fit", calibration=calib)
+    return events, held
+
+
+def test_gqa_fit_calibrates_layer_by_layer(zoo_captured, monkeypatch):
+    """Site 1 is observed only after site 0 is merged: its statistics come from the inputs the
+    merged layer 0 produces."""
+    events, _ = _spied_gqa_fit(zoo_captured("llama-sdpa").prog, monkeypatch)
     merges = [e for e in events if e[0] == "merge"]
     assert events[:4] == [("observe", 0), ("observe", 0), ("merge", 0), ("observe", 1)]
     assert merges[:2] == [("merge", 0), ("merge", 1)]
@@ -131,25 +140,7 @@ def test_gqa_fit_calibrates_layer_by_layer(zoo_captured, monkeypatch):
 def test_gqa_fit_holds_one_layers_statistics(zoo_captured, monkeypatch):
     """A site's recorded activations are dropped once it is merged: when layer 1 is merged,
     nothing of layer 0's is still held (what lets a model larger than memory calibrate)."""
-    from rewriter.passes import gqa
-
-    c = zoo_captured("llama-sdpa")
-    held, observer_of, convert_site = [], gqa.GqaPass._observer, gqa.GqaPass._convert_site
-    tables = []
-
-    def spy_observer(self, wanted, stats, running):
-        tables.append(stats)
-        return observer_of(self, wanted, stats, running)
-
-    def spy_convert(self, program, site, acts, fit, groups=None):
-        held.append((site.index, sorted(k for t in tables for k in t)))
-        return convert_site(self, program, site, acts, fit, groups)
-
-    monkeypatch.setattr(gqa.GqaPass, "_observer", spy_observer)
-    monkeypatch.setattr(gqa.GqaPass, "_convert_site", spy_convert)
-    calib = [torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(i))
-             for i in range(2)]
-    rw.rewrite(c.prog, "gqa:kv-heads=1,merge=fit", calibration=calib)
+    _, held = _spied_gqa_fit(zoo_captured("llama-sdpa").prog, monkeypatch)
     assert held[:2] == [(0, []), (1, [])]  # each popped before its merge; none left behind
 
 
