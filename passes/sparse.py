@@ -45,6 +45,21 @@ from rewriter.passes.parallel import all_sum
 from rewriter.passes.registry import variant
 
 
+def _and_existing(mask: MaskSpec, site, spec) -> MaskSpec:
+    """``mask`` ANDed with the site's own sparsity (a model's sliding window, found at
+    capture, or an earlier sparse variant's window), as one spec."""
+    if not site.sparsity:
+        return mask
+    have = MaskSpec.parse(site.sparsity)
+    if not have.is_plain_window:
+        raise SpecError(f"spec {spec}: site {site.index} already has sparsity "
+                        f"{site.sparsity}; only a plain window=W combines with another mask")
+    try:
+        return mask.within(have.window)
+    except SpecError as why:
+        raise SpecError(f"spec {spec}: site {site.index}: {why}") from None
+
+
 def _estimate(text: str) -> str:
     TopKSpec(1, estimate=text)  # raises SpecError with the reason
     return text
@@ -148,6 +163,7 @@ class SparsePass:
             mask = tables.get(site.index)
             if mask is None or mask.is_dense:
                 continue
+            mask = _and_existing(mask, site, self.spec)
             node = nodes[site.node]
             node.kwargs = {**node.kwargs, "sparsity": mask.format()}
             site.sparsity = mask.format()

@@ -31,99 +31,18 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.fx.node import map_arg
 
-from rewriter.ir.graph import fetch_attr, val
-from rewriter.patterns.graph import SHAPE_ONLY, MatchFailure, is_op, scalar_constant
+from rewriter.patterns.graph import MatchFailure, is_op, scalar_constant
 from rewriter.patterns.scores import MASKING_VALUE, MaskTerm
+from rewriter.patterns.static_values import NotProven, evaluate, read_structure
 
 aten = torch.ops.aten
 
 MIN_KEYS = 3  # two points are always on a line
 
 
-class NotAlibi(Exception):
-    """Why a bias term is not an ALiBi bias. ``quiet``: it is plainly a mask (it holds -inf,
-    or reads a mask's values), so the site's notes need not say it."""
-
-    def __init__(self, reason: str, quiet: bool = False):
-        super().__init__(reason)
-        self.quiet = quiet
-
-
-def _structure(term: Node) -> tuple[list[Node], set[Node]]:
-    """(ancestors in no particular order, the padding-mask inputs read through a cumsum).
-    NotAlibi if the bias reads an input's values any other way."""
-    seen: set[Node] = set()
-    by_value: set[Node] = set()
-    via_cumsum: set[Node] = set()
-    stack: list[tuple[Node, bool]] = [(term, False)]
-    visited: set[tuple[Node, bool]] = set()
-    while stack:
-        n, under_cumsum = stack.pop()
-        if (n, under_cumsum) in visited:
-            continue
-        visited.add((n, under_cumsum))
-        seen.add(n)
-        if n.op == "placeholder":
-            (via_cumsum if under_cumsum else by_value).add(n)
-            continue
-        if n.op == "get_attr":
-            continue
-        if n.op != "call_function":
-            raise NotAlibi(f"the bias comes from {n.op} {n.name}")
-        if n.target in SHAPE_ONLY:
-            # reads only a shape: its inputs still have to be evaluated, not proven
-            for a in n.all_input_nodes:
-                seen.update(_ancestors(a))
-            continue
-        inner = under_cumsum or (is_op(n, aten.cumsum.default) and n.args[1] in (-1, 1))
-        for a in n.all_input_nodes:
-            stack.append((a, inner))
-    for p in by_value - via_cumsum:
-        v = val(p)
-        mask_like = isinstance(v, torch.Tensor) and not v.is_floating_point()
-        raise NotAlibi(f"the bias reads the values of input {p.name}, not only positions",
-                       quiet=mask_like)
-    for p in via_cumsum:
-        v = val(p)
-        if not isinstance(v, torch.Tensor) or v.dim() != 2:
-            raise NotAlibi(f"the bias counts positions over input {p.name}, which is not a "
-                           "2-D padding mask")
-    return list(seen), via_cumsum
-
-
-def _ancestors(node: Node) -> set[Node]:
-    out, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in out:
-            out.add(n)
-            stack.extend(n.all_input_nodes)
-    return out
-
-
-def _evaluate(term: Node, gm: GraphModule, inputs: dict[Node, Any], ones: set[Node]):
-    needed = _ancestors(term)
-    env: dict[Node, Any] = {}
-    for n in gm.graph.nodes:
-        if n not in needed:
-            continue
-        if n.op == "placeholder":
-            if n not in inputs:
-                raise NotAlibi(f"no example value for input {n.name}")
-            x = inputs[n]
-            env[n] = torch.ones_like(x) if n in ones else x
-        elif n.op == "get_attr":
-            env[n] = fetch_attr(gm, n.target)
-        elif n.op == "call_function":
-            env[n] = n.target(*map_arg(n.args, env.__getitem__),
-                              **map_arg(n.kwargs, env.__getitem__))
-        else:
-            raise NotAlibi(f"the bias comes from {n.op} {n.name}")
-        if n is term:
-            return env[n]
-    raise NotAlibi(f"{term.name} could not be evaluated")
+class NotAlibi(NotProven):
+    """Why a bias term is not an ALiBi bias (``quiet`` as in NotProven)."""
 
 
 def slopes_of(bias: torch.Tensor, heads: int, score_rank: int) -> tuple[float, ...]:
@@ -180,13 +99,13 @@ def extract_alibi(match, gm: GraphModule, inputs: dict[Node, Any] | None) -> lis
             continue
         bias, fill = _split_fill(term, gm)
         try:
-            _, ones = _structure(bias)
-            value = _evaluate(bias, gm, inputs, ones)
+            _, ones = read_structure(bias, what="bias")
+            value = evaluate(bias, gm, inputs, ones)
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 raise NotAlibi("the bias is not a float tensor")
             found = slopes_of(value * term.multiplier, match.num_heads,
                               term.rank or match.score_rank)
-        except NotAlibi as why:
+        except NotProven as why:
             if not why.quiet:
                 notes.append(f"bias {term.node.name} is not ALiBi: {why}")
             keep.append(term)

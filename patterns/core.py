@@ -40,6 +40,7 @@ from rewriter.patterns.layout import (
     transpose_last,
     unflatten_heads,
 )
+from rewriter.patterns.native_window import extract_window
 from rewriter.patterns.scores import (
     CASTS,
     VIEWS,
@@ -77,6 +78,7 @@ class CoreMatch:
     out_steps: tuple[Step, ...] = ()  # canonical [B, H, Sq, Dv] -> output layout
     nodes: list[Node] = field(default_factory=list)  # the core's own nodes (for rendering)
     alibi: tuple[float, ...] = ()  # ALiBi slopes per query head (patterns.alibi), () = none
+    sparsity: str = ""  # the model's own sliding window (patterns.native_window), "" = none
     notes: list[str] = field(default_factory=list)  # e.g. why a bias is not ALiBi
 
 
@@ -344,10 +346,13 @@ def find(
     """Every anchor in graph order: matched cores, and why the other anchors are not attention.
 
     ``inputs``: example values of the graph's placeholders; with them an additive bias that is
-    provably ALiBi becomes the core's ``alibi`` slopes (rewriter.patterns.alibi)."""
+    provably ALiBi becomes the core's ``alibi`` slopes (rewriter.patterns.alibi), and a mask
+    that is provably causal + a sliding window the core's ``sparsity``
+    (rewriter.patterns.native_window)."""
     matches: list[CoreMatch] = []
     rejected: list[Rejection] = []
     cache: dict = {}
+    windows: dict = {}  # proven windows by mask (layers share their masks)
     for node in gm.graph.nodes:
         rules_here = rules.for_anchor(node)
         if not rules_here:
@@ -358,6 +363,7 @@ def find(
                 match = rule.match(node, gm, cache)
                 if inputs:
                     _find_alibi(match, gm, inputs)
+                    match.notes += extract_window(match, gm, inputs, windows)
                 matches.append(match)
                 break
             except MatchFailure as failure:

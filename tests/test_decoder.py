@@ -3,7 +3,8 @@
 Positive: the decoder reproduces the program (prefill + chunks + one-token steps against one
 full forward) and greedy decoding with the cache equals greedy decoding without it, for the
 zoo decoders and for variants. Negative: programs the surgery cannot serve are refused with one
-line (encoders, extra inputs, static shapes, model-native windows, positions from masks)."""
+line (encoders, extra inputs, static shapes, positions from masks). Model-native sliding windows
+are served: tests/test_native_windows.py."""
 
 from __future__ import annotations
 
@@ -185,7 +186,6 @@ def test_broken_surgery_is_caught(monkeypatch, spec, broken):
 
 
 @pytest.mark.parametrize("name, why", [
-    ("gemma2-eager", "sliding-window layers: the model's own mask is not plain causal"),
     ("opt-sdpa", "positions counted from the attention mask, not an arange"),
 ])
 def test_unreproducible_models_are_refused(name, why):  # noqa: ARG001  (why: documentation)

@@ -944,3 +944,21 @@ def vit(grid: int, impl: str = "sdpa", layers: int = LAYERS) -> ZooEntry:
                 patch_size=VIT_PATCH, num_channels=3)
     return ZooEntry(f"vit{grid}x{grid}-{impl}", build, inputs, (MHA_SITE,) * layers,
                     notes=f"{grid}x{grid} patches + CLS")
+
+
+# Decoders with their own sliding window (captured on token ids alone, the window is found:
+# tests/test_native_windows.py): name -> (build, the sparsity each layer's site should carry).
+SLIDING_WINDOW = 4  # the models' sliding window: shorter than the test sequences, so it shows
+SLIDING: dict[str, tuple[Callable[[], nn.Module], list[str]]] = {
+    "gemma2-eager": (get("gemma2-eager").build, [f"window={SLIDING_WINDOW}", ""]),
+    **{f"mistral-{impl}": (_hf("MistralForCausalLM", "MistralConfig", impl, **_DEC,
+                               num_key_value_heads=HKV, head_dim=D,
+                               sliding_window=SLIDING_WINDOW),
+                           [f"window={SLIDING_WINDOW}"] * LAYERS)
+       for impl in ("sdpa", "eager")},
+    # Qwen2 slides from layer max_window_layers on
+    "qwen2-sdpa": (_hf("Qwen2ForCausalLM", "Qwen2Config", "sdpa", **_DEC,
+                       num_key_value_heads=HKV, use_sliding_window=True,
+                       sliding_window=SLIDING_WINDOW, max_window_layers=1),
+                   ["", f"window={SLIDING_WINDOW}"]),
+}

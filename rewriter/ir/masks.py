@@ -163,6 +163,39 @@ class MaskSpec:
         return self.window is None or (
             self.heads is not None and all(e == "f" for e in _head_entries(self.heads)))
 
+    @property
+    def is_plain_window(self) -> bool:
+        """Only ``window=W``: a model's own sliding window (rewriter.patterns.native_window)."""
+        return self.window is not None and self == MaskSpec(window=self.window)
+
+    def within(self, window: int) -> MaskSpec:
+        """This mask ANDed with a causal sliding window of ``window`` keys (the model's own),
+        as one spec; SpecError when no spec says exactly that."""
+        own = f"the model's own sliding window ({window} keys)"
+        if self.neighborhood is not None:
+            raise SpecError(f"a neighbourhood mask cannot be combined with {own}")
+        if self.window is None:
+            return MaskSpec(window=window)
+        listed = self.window_list(len(_head_entries(self.heads)) if self.heads else 1)
+        wide = window + 1  # stands for a full-attention head: wider than the model's window
+        heads = [w or wide for w in listed]
+        if self.sink:
+            # sink keys outside the model's window are dropped, inside it they are kept anyway:
+            # exact only when every head's window covers the model's (then it is the model's)
+            if min(heads) < window or self.dilation > 1:
+                raise SpecError(f"sink={self.sink} with a window shorter than {own}, or with a "
+                                "dilation, keeps keys the model does not: no single mask "
+                                "says both (drop sink=, or widen the window)")
+            return MaskSpec(window=window)
+        if self.dilation > 1 and 0 in listed:
+            raise SpecError(f"dilation={self.dilation} with full-attention heads: {own} on "
+                            "those heads and a dilated window on the others is no single mask")
+        merged = [min(w, window) for w in heads]
+        if len(set(merged)) == 1:
+            return MaskSpec(window=merged[0], dilation=self.dilation)
+        return MaskSpec(window=max(merged), dilation=self.dilation,
+                        heads=head_table(list(merged), max(merged)))
+
     # --- evaluation -----------------------------------------------------------------------
 
     def head_windows(self, num_heads: int) -> torch.Tensor:

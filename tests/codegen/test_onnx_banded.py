@@ -77,8 +77,8 @@ def test_mask_matters(llama, small_block, tmp_path):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_softcap_and_model_window(small_block, tmp_path, target):
-    """gemma2: softcap, and a sliding-window layer whose model mask (window 4) is narrower
-    than the sparsity's: the gathered model mask keeps it exact."""
+    """gemma2: softcap, and a sliding-window layer whose own window (4, found at capture) is
+    narrower than the variant's: the two combine into the model's window=4."""
     entry = zoo.get("gemma2-eager")
     prog = rw.capture(entry.build(), (zoo._ids(2, 9),), {"use_cache": False})
     rows = export_and_compare(rw.rewrite(prog, "sparse:window=6,sink=1"), tmp_path / "m.onnx",
