@@ -15,7 +15,9 @@
    - target "ort": a residual Add feeding an RMSNormalization ->
      ``com.microsoft.SkipSimplifiedLayerNormalization`` (its output 3 is the sum, which the
      residual stream reads on), and the same for ``LayerNormalization`` ->
-     ``com.microsoft.SkipLayerNormalization``.
+     ``com.microsoft.SkipLayerNormalization``;
+3. packed projections (codegen/onnx/packing.py): MatMuls reading the same activation with
+   constant weights (q/k/v, gate/up) -> one MatMul on the concatenated weight and a Split.
 
 Why RMSNormalization and not ONNX Runtime's ``SimplifiedLayerNormalization`` for a norm
 without a residual Add on "ort": ORT registers SimplifiedLayerNormalization in the *onnx*
@@ -35,6 +37,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.optimizer import fold_constants
 from onnxscript.rewriter import pattern
+
+from rewriter.codegen.onnx.packing import pack_projections
 
 MSFT = "com.microsoft"
 _FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,
@@ -62,6 +66,7 @@ def lower(model: ir.Model, target: str) -> dict[str, int]:
     if target == "ort":
         counts["SkipSimplifiedLayerNormalization"] = SKIP_RMS_NORM_RULES.apply_to_model(model)
         counts["SkipLayerNormalization"] = SKIP_LAYER_NORM_RULES.apply_to_model(model)
+    counts["PackedMatMul"] = pack_projections(model)
     if any(counts.values()):
         RemoveUnusedNodesPass()(model)
     if counts["SkipSimplifiedLayerNormalization"] or counts["SkipLayerNormalization"]:

@@ -1,0 +1,104 @@
+"""Packed projections: MatMuls that read the same activation with constant weights become one.
+
+q/k/v (and gate/up, and a cross-attention's k/v) are exported as separate ``MatMul(x, W_i)``
+with ``W_i`` [K, N_i] initializers. One ``MatMul(x, concat(W_i, axis=1))`` followed by a
+``Split`` on the last axis computes the same values with one pass over ``x`` and one kernel
+launch instead of several: at decode time (one token, memory-bound) the separate GEMVs each
+pay their own overhead. By pattern, not per model: any group of two or more such MatMuls on the
+same input value, with weights of one dtype and inner size.
+
+The packed weight is lazy (``onnx_ir.LazyTensor``): the concatenation is made when the model is
+written, one group at a time, so an export holds no second copy of the weights; the separate
+weights are then unused and are dropped with the nodes.
+
+Shape glossary: x [.., K]; W_i [K, N_i]; packed [K, sum N_i].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+def pack_projections(model: ir.Model) -> int:
+    """Pack every group of same-input constant-weight MatMuls in ``model``'s main graph (in
+    place); returns how many groups were packed."""
+    graph = model.graph
+    groups: dict[ir.Value, list[ir.Node]] = {}
+    for node in graph:
+        weight = _constant_weight(node)
+        if weight is not None:
+            groups.setdefault(node.inputs[0], []).append(node)
+    packed = 0
+    for x, nodes in groups.items():
+        nodes = _compatible(nodes)
+        if len(nodes) < 2:
+            continue
+        _pack(graph, x, nodes, packed)
+        packed += 1
+    return packed
+
+
+def _constant_weight(node: ir.Node) -> ir.Value | None:
+    """A MatMul's 2-D initializer weight, or None."""
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    x, w = node.inputs
+    if x is None or w is None or not w.is_initializer() or w.const_value is None:
+        return None
+    if w.shape is None or len(w.shape) != 2 or not all(isinstance(d, int) for d in w.shape):
+        return None
+    return w
+
+
+def _compatible(nodes: list[ir.Node]) -> list[ir.Node]:
+    """The nodes whose weights share the first one's dtype and inner size K."""
+    first = nodes[0].inputs[1]
+    return [n for n in nodes if n.inputs[1].dtype == first.dtype
+            and n.inputs[1].shape[0] == first.shape[0]]
+
+
+def _pack(graph: ir.Graph, x: ir.Value, nodes: list[ir.Node], index: int) -> None:
+    weights = [n.inputs[1] for n in nodes]
+    tensors = [w.const_value for w in weights]
+    sizes = [int(w.shape[1]) for w in weights]
+    inner = int(weights[0].shape[0])
+    dtype = weights[0].dtype
+    name = f"packed_weight_{index}"
+
+    def concat() -> ir.Tensor:
+        return ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=1), dtype=dtype,
+                         name=name)
+
+    packed = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape([inner, sum(sizes)]),
+                      const_value=ir.LazyTensor(concat, dtype, ir.Shape([inner, sum(sizes)]),
+                                                name=name))
+    graph.register_initializer(packed)
+    split_sizes = ir.Value(name=f"packed_split_{index}", type=ir.TensorType(ir.DataType.INT64),
+                           shape=ir.Shape([len(sizes)]),
+                           const_value=ir.tensor(np.array(sizes, dtype=np.int64),
+                                                 name=f"packed_split_{index}"))
+    graph.register_initializer(split_sizes)
+    matmul = ir.Node("", "MatMul", [x, packed], name=f"packed_matmul_{index}")
+    split = ir.Node("", "Split", [matmul.outputs[0], split_sizes], attributes=[
+        ir.AttrInt64("axis", -1)], num_outputs=len(nodes), name=f"packed_split_{index}")
+    first = min(nodes, key=_position(graph))
+    graph.insert_before(first, [matmul, split])
+    for node, out in zip(nodes, split.outputs, strict=True):
+        old = node.outputs[0]
+        out.type, out.shape = old.type, old.shape
+        old_name = old.name
+        old.replace_all_uses_with(out, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        out.name = old_name  # keep the names readers (and value_info) know
+    for w in weights:
+        if not w.uses():
+            graph.initializers.pop(w.name, None)
+
+
+def _position(graph: ir.Graph):
+    order = {node: i for i, node in enumerate(graph)}
+    return order.__getitem__
+
+
+__all__ = ["pack_projections"]
