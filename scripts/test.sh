@@ -11,7 +11,9 @@ bash scripts/setup.sh
 
 set +e
 # pyproject addopts already has -q; a second -q would hide the "N passed" summary line.
-.venv/bin/python -m pytest -n 2 "$@"
+# worksteal: a worker that runs out of tests takes queued ones from the other (with the default
+# scheduling the slow real-model tests could queue up on one worker while the other idled).
+.venv/bin/python -m pytest -n 2 --dist worksteal "$@"
 status=$?
 set -e
 if [[ $status -eq 5 ]]; then

@@ -150,6 +150,37 @@ def _log_level(name: str, level: int):
         logger.setLevel(old)
 
 
+@contextlib.contextmanager
+def _decompose_only_when_needed():
+    """torch.onnx re-traces the whole program to decompose it for ONNX (run_decompositions:
+    about 45% of an export's time on SmolLM2) even when every op of the captured graph has an
+    ONNX translation as it is (ATen ops that ONNX implements, the rewriter's own). Skip that
+    trace then; run it as before otherwise (in-place ops, ``aten.to``, ops to decompose).
+    Every export is checked against the program by the tests, so a graph this lets through
+    unchanged and wrong would show."""
+    try:
+        from torch.onnx._internal.exporter import _decomp, _fx_passes
+    except ImportError:  # another torch layout: leave the exporter as it is
+        yield
+        return
+    original = _fx_passes.decompose_with_registry
+
+    def decompose(exported_program, registry):
+        implemented = set(_decomp.get_onnx_implemented_overloads(registry))
+        table = _decomp.create_onnx_friendly_decomposition_table(implemented)
+        ops = {n.target for n in exported_program.graph.nodes
+               if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)}
+        if ops <= implemented - set(table):  # each op translates as it is
+            return exported_program
+        return exported_program.run_decompositions(table)
+
+    _fx_passes.decompose_with_registry = decompose
+    try:
+        yield
+    finally:
+        _fx_passes.decompose_with_registry = original
+
+
 def _to_onnx(module, args: tuple, kwargs: dict, shapes, plans, *,
              names: tuple[list[str], list[str]] | None = None) -> ir.Model:
     """torch.onnx.export with our translations; ``names`` renames the graph inputs and
@@ -158,7 +189,7 @@ def _to_onnx(module, args: tuple, kwargs: dict, shapes, plans, *,
     # torch.onnx prints progress lines, warnings and log records (torchvision missing); keep
     # a library call quiet.
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), \
-            _log_level("torch.onnx", logging.ERROR):
+            _log_level("torch.onnx", logging.ERROR), _decompose_only_when_needed():
         warnings.simplefilter("ignore")
         try:
             onnx_program = torch.onnx.export(
