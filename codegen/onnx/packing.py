@@ -7,7 +7,9 @@ launch instead of several: at decode time (one token, memory-bound) the separate
 pay their own overhead. By pattern, not per model: any group of two or more such MatMuls on the
 same input value, with weights of one dtype and inner size.
 
-The packed weight is lazy (``onnx_ir.LazyTensor``): the concatenation is made when the model is
+A weight is an initializer [K, N_i] or the Transpose of an [N_i, K] one (the exporter's form
+for real models: the fold leaves weight-sized transposes to ONNX Runtime). The packed weight is
+lazy (``onnx_ir.LazyTensor``): the concatenation is made when the model is
 written, one group at a time, so an export holds no second copy of the weights; the separate
 weights are then unused and are dropped with the nodes.
 
@@ -24,55 +26,76 @@ def pack_projections(model: ir.Model) -> int:
     """Pack every group of same-input constant-weight MatMuls in ``model``'s main graph (in
     place); returns how many groups were packed."""
     graph = model.graph
-    groups: dict[ir.Value, list[ir.Node]] = {}
+    groups: dict[ir.Value, list[tuple[ir.Node, _Weight]]] = {}
     for node in graph:
         weight = _constant_weight(node)
         if weight is not None:
-            groups.setdefault(node.inputs[0], []).append(node)
+            groups.setdefault(node.inputs[0], []).append((node, weight))
     packed = 0
-    for x, nodes in groups.items():
-        nodes = _compatible(nodes)
-        if len(nodes) < 2:
+    for x, members in groups.items():
+        first = members[0][1]
+        members = [(n, w) for n, w in members
+                   if w.dtype == first.dtype and w.inner == first.inner]
+        if len(members) < 2:
             continue
-        _pack(graph, x, nodes, packed)
+        _pack(graph, x, members, packed)
         packed += 1
     return packed
 
 
-def _constant_weight(node: ir.Node) -> ir.Value | None:
-    """A MatMul's 2-D initializer weight, or None."""
+class _Weight:
+    """A MatMul's constant right operand as [K, N]: an initializer, or the Transpose of an
+    [N, K] one (how weight-sized transposes are left for ONNX Runtime to fold)."""
+
+    def __init__(self, value: ir.Value, transpose: ir.Node | None):
+        self.value, self.transpose = value, transpose
+        rows, cols = value.shape
+        self.inner, self.outer = (cols, rows) if transpose is not None else (rows, cols)
+        self.dtype = value.dtype
+
+    def array(self) -> np.ndarray:
+        a = self.value.const_value.numpy()
+        return a.T if self.transpose is not None else a
+
+
+def _constant_weight(node: ir.Node) -> _Weight | None:
+    """A MatMul's 2-D constant weight (plain or transposed), or None."""
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return None
     x, w = node.inputs
-    if x is None or w is None or not w.is_initializer() or w.const_value is None:
+    if x is None or w is None:
+        return None
+    transpose = w.producer()
+    if transpose is not None:
+        perm = transpose.attributes.get("perm")
+        if transpose.op_type != "Transpose" or perm is None or list(perm.value) != [1, 0] \
+                or len(w.uses()) != 1:
+            return None
+        w = transpose.inputs[0]
+    else:
+        transpose = None
+    if w is None or not w.is_initializer() or w.const_value is None:
         return None
     if w.shape is None or len(w.shape) != 2 or not all(isinstance(d, int) for d in w.shape):
         return None
-    return w
+    return _Weight(w, transpose)
 
 
-def _compatible(nodes: list[ir.Node]) -> list[ir.Node]:
-    """The nodes whose weights share the first one's dtype and inner size K."""
-    first = nodes[0].inputs[1]
-    return [n for n in nodes if n.inputs[1].dtype == first.dtype
-            and n.inputs[1].shape[0] == first.shape[0]]
-
-
-def _pack(graph: ir.Graph, x: ir.Value, nodes: list[ir.Node], index: int) -> None:
-    weights = [n.inputs[1] for n in nodes]
-    tensors = [w.const_value for w in weights]
-    sizes = [int(w.shape[1]) for w in weights]
-    inner = int(weights[0].shape[0])
-    dtype = weights[0].dtype
+def _pack(graph: ir.Graph, x: ir.Value, members: list[tuple[ir.Node, _Weight]],
+          index: int) -> None:
+    nodes = [n for n, _ in members]
+    weights = [w for _, w in members]
+    sizes = [w.outer for w in weights]
+    inner, dtype = weights[0].inner, weights[0].dtype
     name = f"packed_weight_{index}"
+    shape = ir.Shape([inner, sum(sizes)])
 
     def concat() -> ir.Tensor:
-        return ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=1), dtype=dtype,
+        return ir.tensor(np.concatenate([w.array() for w in weights], axis=1), dtype=dtype,
                          name=name)
 
-    packed = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape([inner, sum(sizes)]),
-                      const_value=ir.LazyTensor(concat, dtype, ir.Shape([inner, sum(sizes)]),
-                                                name=name))
+    packed = ir.Value(name=name, type=ir.TensorType(dtype), shape=shape,
+                      const_value=ir.LazyTensor(concat, dtype, shape, name=name))
     graph.register_initializer(packed)
     split_sizes = ir.Value(name=f"packed_split_{index}", type=ir.TensorType(ir.DataType.INT64),
                            shape=ir.Shape([len(sizes)]),
@@ -92,8 +115,10 @@ def _pack(graph: ir.Graph, x: ir.Value, nodes: list[ir.Node], index: int) -> Non
         graph.remove(node, safe=True)
         out.name = old_name  # keep the names readers (and value_info) know
     for w in weights:
-        if not w.uses():
-            graph.initializers.pop(w.name, None)
+        if w.transpose is not None and not w.transpose.outputs[0].uses():
+            graph.remove(w.transpose, safe=True)
+        if not w.value.uses():
+            graph.initializers.pop(w.value.name, None)
 
 
 def _position(graph: ir.Graph):

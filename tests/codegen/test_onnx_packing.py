@@ -110,13 +110,34 @@ def test_same_input_matmuls_pack_and_compute_the_same():
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_transposed_weights_pack():
+    """Real models export ``MatMul(x, Transpose(W))`` with W [N, K] (weight-sized transposes
+    are left for ONNX Runtime to fold): those pack, the transposes and the Ws go."""
+    w = _weights((4, 8), (2, 8), (6, 8))
+    nodes = [n for i in range(3) for n in (
+        helper.make_node("Transpose", [f"w{i}"], [f"t{i}"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", f"t{i}"], [f"y{i}"]))]
+    model = _model(nodes, [("x", [2, 3, 8])], ["y0", "y1", "y2"], w)
+    packed, groups = _packed(model)
+    assert groups == 1
+    assert collections.Counter(n.op_type for n in packed.graph.node) == {"MatMul": 1, "Split": 1}
+    assert [i.name for i in packed.graph.initializer if i.name.startswith("w")] == []
+    feed = {"x": np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.float32)}
+    for got, want in zip(_run(packed, feed), _run(model, feed), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_other_matmuls_stay():
     """Different inputs, an activation as the second operand, a lone MatMul: nothing packs."""
     w = _weights((8, 4), (8, 4))
     nodes = [helper.make_node("MatMul", ["x", "w0"], ["y0"]),
              helper.make_node("MatMul", ["z", "w1"], ["y1"]),   # another input
-             helper.make_node("MatMul", ["x", "v"], ["y2"])]    # an activation weight
-    model = _model(nodes, [("x", [2, 8]), ("z", [2, 8]), ("v", [8, 4])], ["y0", "y1", "y2"], w)
+             helper.make_node("MatMul", ["x", "u"], ["y2"]),    # an activation weight
+             helper.make_node("Transpose", ["v"], ["vt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "vt"], ["y3"])]   # transposed, not a constant
+    model = _model(nodes, [("x", [2, 8]), ("z", [2, 8]), ("u", [8, 4]), ("v", [4, 8])],
+                   ["y0", "y1", "y2", "y3"], w)
     packed, groups = _packed(model)
     assert groups == 0
-    assert collections.Counter(n.op_type for n in packed.graph.node) == {"MatMul": 3}
+    assert collections.Counter(n.op_type for n in packed.graph.node) == {"MatMul": 4,
+                                                                        "Transpose": 1}
