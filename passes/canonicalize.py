@@ -12,6 +12,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from rewriter.ir.graph import ATTENTION, Emitter, cleanup, concrete, module_path, static_int
+from rewriter.ir.masks import MaskSpec
 from rewriter.ir.site import AttentionSite
 from rewriter.patterns.core import CoreMatch, layer_index
 from rewriter.patterns.graph import is_op, shape
@@ -49,6 +50,7 @@ def describe_site(match: CoreMatch, index: int) -> AttentionSite:
         positional=positional, cross=cross, module_path=path, layer=layer_index(path),
         q_proj=q_trace.projection, k_proj=k_trace.projection, v_proj=v_trace.projection,
         o_proj=o_proj, notes=notes, alibi=tuple(match.alibi), sparsity=match.sparsity,
+        model_window=MaskSpec.parse(match.sparsity).window if match.sparsity else None,
     )
 
 

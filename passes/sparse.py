@@ -46,16 +46,13 @@ from rewriter.passes.registry import variant
 
 
 def _and_existing(mask: MaskSpec, site, spec) -> MaskSpec:
-    """``mask`` ANDed with the site's own sparsity (a model's sliding window, found at
-    capture, or an earlier sparse variant's window), as one spec."""
-    if not site.sparsity:
+    """``mask`` ANDed with the model's own sliding window where the site has one (found at
+    capture: rewriter.patterns.native_window), as one spec; an earlier sparse variant's mask
+    is replaced, as before."""
+    if site.model_window is None:
         return mask
-    have = MaskSpec.parse(site.sparsity)
-    if not have.is_plain_window:
-        raise SpecError(f"spec {spec}: site {site.index} already has sparsity "
-                        f"{site.sparsity}; only a plain window=W combines with another mask")
     try:
-        return mask.within(have.window)
+        return mask.within(site.model_window)
     except SpecError as why:
         raise SpecError(f"spec {spec}: site {site.index}: {why}") from None
 

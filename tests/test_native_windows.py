@@ -96,6 +96,10 @@ def test_variant_masks_combine_with_the_model_window(captured):
     assert [s.sparsity for s in wide.sites] == [f"window={W}", "window=6,sink=1"]
     with pytest.raises(SpecError, match="site 0: sink=1 with a window shorter"):
         rw.rewrite(prog, "sparse:window=2,sink=1")
+    # a later sparse variant replaces an earlier one's mask, never the model's window
+    assert [s.model_window for s in prog.sites] == [W, None]
+    again = rw.rewrite(narrower, "sparse:window=6,sink=1")
+    assert [s.sparsity for s in again.sites] == [f"window={W}", "window=6,sink=1"]
 
 
 def test_within_is_the_and_of_both_masks():

@@ -68,6 +68,9 @@ class AttentionSite:
     v_proj: Projection | None = None
     o_proj: Projection | None = None
     sparsity: str = ""  # MaskSpec string on the canonical node ("" = dense)
+    # the model's own sliding window, found at capture (patterns.native_window): part of
+    # ``sparsity``; a sparse variant ANDs its mask with it
+    model_window: int | None = None
     alibi: tuple[float, ...] = ()  # ALiBi slopes per query head (the node's alibi attribute)
     kv_source: int | None = None  # share-kv: the site whose K/V this one reads
     attn_source: int | None = None  # share-attn: the site whose probabilities this one reuses
