@@ -49,9 +49,14 @@ def describe_site(match: CoreMatch, index: int) -> AttentionSite:
         softcap=match.softcap, dropout=match.dropout, kv_expansion=match.kv_expansion,
         positional=positional, cross=cross, module_path=path, layer=layer_index(path),
         q_proj=q_trace.projection, k_proj=k_trace.projection, v_proj=v_trace.projection,
-        o_proj=o_proj, notes=notes, alibi=tuple(match.alibi), sparsity=match.sparsity,
-        model_window=MaskSpec.parse(match.sparsity).window if match.sparsity else None,
+        o_proj=o_proj, notes=notes, alibi=tuple(match.alibi), sparsity=_sparsity(match),
+        model_window=match.model_window,
     )
+
+
+def _sparsity(match: CoreMatch) -> str:
+    """The canonical ``sparsity`` attribute: the model's own window, if it has one."""
+    return MaskSpec(window=match.model_window).format() if match.model_window else ""
 
 
 def _same_size(a, b) -> bool:
@@ -100,7 +105,7 @@ def emit_canonical(match: CoreMatch, emit: Emitter) -> Node:
         q, k, v = (emit_operand(emit, o) for o in (match.q, match.k, match.v))
         mask = match.sdpa_mask if match.sdpa_mask is not None else _emit_mask(match, emit)
         attrs = {"scale": float(match.scale), "is_causal": match.is_causal,
-                 "sparsity": match.sparsity, "softcap": float(match.softcap)}
+                 "sparsity": _sparsity(match), "softcap": float(match.softcap)}
         if match.alibi:
             attrs["alibi"] = [float(a) for a in match.alibi]
         out = emit.call(ATTENTION, (q, k, v, mask), attrs)

@@ -78,7 +78,7 @@ class CoreMatch:
     out_steps: tuple[Step, ...] = ()  # canonical [B, H, Sq, Dv] -> output layout
     nodes: list[Node] = field(default_factory=list)  # the core's own nodes (for rendering)
     alibi: tuple[float, ...] = ()  # ALiBi slopes per query head (patterns.alibi), () = none
-    sparsity: str = ""  # the model's own sliding window (patterns.native_window), "" = none
+    model_window: int | None = None  # the model's own sliding window (patterns.native_window)
     notes: list[str] = field(default_factory=list)  # e.g. why a bias is not ALiBi
 
 
@@ -347,7 +347,7 @@ def find(
 
     ``inputs``: example values of the graph's placeholders; with them an additive bias that is
     provably ALiBi becomes the core's ``alibi`` slopes (rewriter.patterns.alibi), and a mask
-    that is provably causal + a sliding window the core's ``sparsity``
+    that is provably causal + a sliding window the core's ``model_window``
     (rewriter.patterns.native_window)."""
     matches: list[CoreMatch] = []
     rejected: list[Rejection] = []

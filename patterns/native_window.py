@@ -26,7 +26,6 @@ import torch
 from torch.fx import GraphModule, Node
 
 from rewriter.ir.graph import val
-from rewriter.ir.masks import MaskSpec
 from rewriter.patterns.graph import MatchFailure
 from rewriter.patterns.scores import MASKING_VALUE, MaskTerm
 from rewriter.patterns.static_values import (
@@ -43,9 +42,10 @@ MAX_PROBE = 8192  # the probe evaluates an [L, L] mask: up to 256 MB in fp32
 def extract_window(match, gm: GraphModule, inputs: dict[Node, Any] | None,
                    cache: dict | None = None) -> list[str]:
     """Turn a proven causal + sliding-window mask of ``match`` (a CoreMatch) into
-    ``is_causal`` + ``sparsity``; returns a note saying what was found (or why a mask that
-    looked like a window is not one). ``cache`` memoizes by mask node (layers share masks)."""
-    if not inputs or match.alibi or match.sparsity:
+    ``is_causal`` + ``model_window``; returns a note saying what was found (nothing when the
+    mask is not proven: it stays opaque, which is exact). ``cache`` memoizes by mask node
+    (layers share masks)."""
+    if not inputs or match.alibi or match.model_window:
         return []
     parts = _mask_parts(match)
     if not parts:
@@ -55,7 +55,7 @@ def extract_window(match, gm: GraphModule, inputs: dict[Node, Any] | None,
         window = cache[key]
     else:
         try:
-            window = _prove_window(parts, match, gm, inputs)
+            window = _prove_window(parts, gm, inputs)
         except NotProven:
             window = None
         except (RuntimeError, TypeError, ValueError, IndexError, MatchFailure):
@@ -66,7 +66,7 @@ def extract_window(match, gm: GraphModule, inputs: dict[Node, Any] | None,
         return []
     match.terms, match.sdpa_mask = [], None
     match.is_causal = True
-    match.sparsity = MaskSpec(window=window).format()
+    match.model_window = window
     return [f"the model's own sliding window ({window} keys) is sparsity window={window}"]
 
 
@@ -76,18 +76,18 @@ def _mask_parts(match) -> list[MaskTerm]:
     return list(match.terms)
 
 
-def _prove_window(parts: list[MaskTerm], match, gm: GraphModule,
-                  inputs: dict[Node, Any]) -> int | None:
+def _prove_window(parts: list[MaskTerm], gm: GraphModule, inputs: dict[Node, Any]
+                  ) -> int | None:
     for part in parts:
         read_structure(part.node, what="mask", cumsum=False)
     symbol = _key_length(parts)
     if symbol is None:
         raise NotProven("the mask's key length is not the captured sequence length")
-    here = _keep(parts, match, gm, inputs)
+    here = _keep(parts, gm, inputs)
     if not torch.equal(here, _band(here.shape[-1], int(here[-1].sum()))):
         raise NotProven("the mask is not causal + sliding window", quiet=True)
     probe = min(MAX_PROBE, max(2 * here.shape[-1], _largest_constant(parts) + 2))
-    far = _keep(parts, match, gm, resized_inputs(inputs, symbol, probe))
+    far = _keep(parts, gm, resized_inputs(inputs, symbol, probe))
     if far.shape[-1] != probe:
         raise NotProven("the mask did not take the probe length")
     window = int(far[-1].sum())
@@ -110,8 +110,7 @@ def _key_length(parts: list[MaskTerm]) -> torch.SymInt | None:
     return None
 
 
-def _keep(parts: list[MaskTerm], match, gm: GraphModule, inputs: dict[Node, Any]
-          ) -> torch.Tensor:
+def _keep(parts: list[MaskTerm], gm: GraphModule, inputs: dict[Node, Any]) -> torch.Tensor:
     """The keys each query keeps, [Sq, Sk] bool: the same for every batch row and head."""
     keep = None
     for part in parts:

@@ -63,6 +63,24 @@ def onnx_equals_program(prog: rw.Program, path, target: str, make_inputs, shapes
     return rows
 
 
+def quiet_session(path, threads: int | None = None):
+    """An ONNX Runtime session that logs warnings (severity 2) and up to stderr, as ORT's
+    default does (rwonnx.session silences them); read the log with ``ort_messages``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 2
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_messages(text: str) -> list[str]:
+    """ONNX Runtime's warning and error log lines ("[W:onnxruntime:...", "[E:...")."""
+    return [line for line in text.splitlines()
+            if "onnxruntime" in line and ("[W:" in line or "[E:" in line)]
+
+
 # Tiny dims for hand-written modules: E == H * D.
 E, H, HKV, D = 16, 4, 2, 4
 # (batch, seq): the capture shape first, then other lengths and batches.

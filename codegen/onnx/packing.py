@@ -31,6 +31,7 @@ def pack_projections(model: ir.Model) -> int:
         weight = _constant_weight(node)
         if weight is not None:
             groups.setdefault(node.inputs[0], []).append((node, weight))
+    order = {node: i for i, node in enumerate(graph)}  # packing keeps the old nodes' order
     packed = 0
     for x, members in groups.items():
         first = members[0][1]
@@ -38,7 +39,7 @@ def pack_projections(model: ir.Model) -> int:
                    if w.dtype == first.dtype and w.inner == first.inner]
         if len(members) < 2:
             continue
-        _pack(graph, x, members, packed)
+        _pack(graph, x, members, packed, order)
         packed += 1
     return packed
 
@@ -72,8 +73,6 @@ def _constant_weight(node: ir.Node) -> _Weight | None:
                 or len(w.uses()) != 1:
             return None
         w = transpose.inputs[0]
-    else:
-        transpose = None
     if w is None or not w.is_initializer() or w.const_value is None:
         return None
     if w.shape is None or len(w.shape) != 2 or not all(isinstance(d, int) for d in w.shape):
@@ -82,7 +81,7 @@ def _constant_weight(node: ir.Node) -> _Weight | None:
 
 
 def _pack(graph: ir.Graph, x: ir.Value, members: list[tuple[ir.Node, _Weight]],
-          index: int) -> None:
+          index: int, order: dict[ir.Node, int]) -> None:
     nodes = [n for n, _ in members]
     weights = [w for _, w in members]
     sizes = [w.outer for w in weights]
@@ -105,7 +104,7 @@ def _pack(graph: ir.Graph, x: ir.Value, members: list[tuple[ir.Node, _Weight]],
     matmul = ir.Node("", "MatMul", [x, packed], name=f"packed_matmul_{index}")
     split = ir.Node("", "Split", [matmul.outputs[0], split_sizes], attributes=[
         ir.AttrInt64("axis", -1)], num_outputs=len(nodes), name=f"packed_split_{index}")
-    first = min(nodes, key=_position(graph))
+    first = min(nodes, key=order.__getitem__)
     graph.insert_before(first, [matmul, split])
     for node, out in zip(nodes, split.outputs, strict=True):
         old = node.outputs[0]
@@ -119,11 +118,6 @@ def _pack(graph: ir.Graph, x: ir.Value, members: list[tuple[ir.Node, _Weight]],
             graph.remove(w.transpose, safe=True)
         if not w.value.uses():
             graph.initializers.pop(w.value.name, None)
-
-
-def _position(graph: ir.Graph):
-    order = {node: i for i, node in enumerate(graph)}
-    return order.__getitem__
 
 
 __all__ = ["pack_projections"]

@@ -163,11 +163,6 @@ class MaskSpec:
         return self.window is None or (
             self.heads is not None and all(e == "f" for e in _head_entries(self.heads)))
 
-    @property
-    def is_plain_window(self) -> bool:
-        """Only ``window=W``: a model's own sliding window (rewriter.patterns.native_window)."""
-        return self.window is not None and self == MaskSpec(window=self.window)
-
     def within(self, window: int) -> MaskSpec:
         """This mask ANDed with a causal sliding window of ``window`` keys (the model's own),
         as one spec; SpecError when no spec says exactly that."""

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from attn_testlib import ort_messages, quiet_session
 
 import rewriter as rw
 from rewriter import onnx as rwonnx
@@ -280,23 +281,6 @@ class GreedyOracle:
                 return  # a near-tie: beyond it the two sequences may differ
 
 
-def quiet_session(path, capfd):
-    """A session of ``path`` logging warnings as ONNX Runtime's default does; asserts that it
-    logged none (test_onnx_lean.py checks the same on the zoo and the prefill graphs)."""
-    import onnxruntime as ort
-
-    capfd.readouterr()
-    options = ort.SessionOptions()
-    options.log_severity_level = 2
-    options.intra_op_num_threads = 1  # the suite runs two workers on two cores
-    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    out, err = capfd.readouterr()
-    logged = [line for line in (out + err).splitlines()
-              if "onnxruntime" in line and ("[W:" in line or "[E:" in line)]
-    assert not logged, logged
-    return sess
-
-
 def smollm_generation(tmp_path, specs: list[str], capfd) -> None:
     from rewriter.models import load
 
@@ -321,7 +305,10 @@ def smollm_generation(tmp_path, specs: list[str], capfd) -> None:
         export_decoder(dec, path, target)
         ops = {n.op_type for n in onnx.load(str(path)).graph.node}
         assert not {"Pow", "ReduceMean", "Sqrt", "Reciprocal", "CastLike"} & ops, target
-        sess = quiet_session(path, capfd)
+        capfd.readouterr()
+        sess = quiet_session(path, threads=1)  # the suite runs two workers on two cores
+        out, err = capfd.readouterr()
+        assert not ort_messages(out + err), (target, ort_messages(out + err))  # as test_onnx_lean
         oracle.assert_agrees(rwonnx.generate(sess, prompt, 32), start, target)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from attn_testlib import onnx_equals_program
+from attn_testlib import onnx_equals_program, ort_messages, quiet_session
 from onnx import TensorProto, helper
 
 import rewriter as rw
@@ -30,19 +30,6 @@ RMS_CHAIN = {"Pow", "ReduceMean", "Sqrt", "Reciprocal"}
 
 def op_counts(path) -> collections.Counter:
     return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
-
-
-def quiet_session(path):
-    """A session that logs warnings (severity 2) and up to stderr, as ORT's default does."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 2
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def ort_messages(text: str) -> list[str]:
-    """ONNX Runtime's warning and error log lines ("[W:onnxruntime:...", "[E:...")."""
-    return [line for line in text.splitlines()
-            if "onnxruntime" in line and ("[W:" in line or "[E:" in line)]
 
 
 @pytest.fixture(scope="module")
