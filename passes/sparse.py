@@ -1,7 +1,9 @@
 """``sparse``: static sparse masks on canonical sites.
 
     sparse:window=W[,sink=S][,dilation=D][,layers=L][,heads=H]
-        every site (or the layers L, e.g. ``0-3;8``) gets sink+window(+dilation); with
+        every self-attention site (or those of layers L, e.g. ``0-3;8``) gets
+        sink+window(+dilation) (cross attention stays as it is: its keys are another
+        sequence); with
         heads=H only those query heads (e.g. ``0;4``) do, the others keep full attention.
     sparse:heads=auto,density=P[,window=W][,sink=S][,ctx=N]
         per KV head, a calibrated choice between full attention and sink+window (window W,
@@ -145,6 +147,8 @@ class SparsePass:
             tables = {}
             for site in program.sites:
                 if p["layers"] is not None and site.layer not in p["layers"]:
+                    continue
+                if site.cross:  # windows and sinks are positions of one sequence
                     continue
                 heads = None
                 if p["heads"] is not None:

@@ -39,6 +39,7 @@ sequence) before they are returned.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,7 @@ from rewriter.ir.ops import attention as _attention_op  # noqa: F401  (registers
 from rewriter.ir.padding import check_attention_mask
 from rewriter.ir.precision import EXACT_TOLERANCE, float64_module
 from rewriter.ir.topk import is_topk
+from rewriter.patterns.static_values import NotProven, ancestors, read_structure
 
 __all__ = ["CacheEntry", "Decoder", "DecoderError", "build_decoder", "greedy_reference"]
 
@@ -61,6 +63,7 @@ CACHED = torch.ops.rewriter.cached_attention.default
 BOUNDED = torch.ops.rewriter.bounded_cached_attention.default
 PADDED = torch.ops.rewriter.padded_cached_attention.default
 POSITIONS = torch.ops.rewriter.padding_positions.default
+_ATTENTION = torch.ops.rewriter.attention.default
 _ARANGE = (aten.arange.default, aten.arange.start, aten.arange.start_step)
 _CAUSAL_MASKS = ("causal", "causal-mask")
 
@@ -107,6 +110,8 @@ class Decoder:
     sites_by_node: dict = field(default_factory=dict, repr=False)  # cached node -> site
     verify_error: float = float("nan")  # max |prefill+step - full| / max |full|, float64
     padded: bool = False  # takes attention_mask [B, P + S] (left-padded batches)
+    # inputs computed once per sequence, after the cache ones (an encoder's cross K/V)
+    context: tuple[str, ...] = ()
     _padded_decoder: Decoder | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -123,7 +128,7 @@ class Decoder:
     def input_names(self) -> list[str]:
         return ["input_ids", *(e.input_name for e in self.cache),
                 *(["past_length"] if self.bounded else []),
-                *(["attention_mask"] if self.padded else [])]
+                *(["attention_mask"] if self.padded else []), *self.context]
 
     @property
     def output_names(self) -> list[str]:
@@ -159,10 +164,14 @@ class Decoder:
         return past + ([torch.zeros((), dtype=torch.long)] if self.bounded else [])
 
     def step(self, input_ids: torch.Tensor, past: list[torch.Tensor],
-             attention_mask: torch.Tensor | None = None
+             attention_mask: torch.Tensor | None = None, context: Sequence[torch.Tensor] = ()
              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(logits [B, S, V], present cache) for S new tokens after ``past``;
-        ``attention_mask`` [B, P + S] for a padded decoder (None: all ones)."""
+        ``attention_mask`` [B, P + S] for a padded decoder (None: all ones); ``context``: the
+        tensors named by ``self.context`` (rewriter.seq2seq: the encoder's outputs)."""
+        if len(context) != len(self.context):
+            raise DecoderError(f"this decoder takes {len(self.context)} context tensors "
+                               f"({', '.join(self.context) or 'none'}), got {len(context)}")
         extra = []
         if self.padded:
             if attention_mask is None:
@@ -173,7 +182,7 @@ class Decoder:
             raise DecoderError("this decoder takes no attention_mask: build it with "
                                "padded=True (build_decoder / Program.decoder)")
         with torch.no_grad():
-            logits, *present = self.module(input_ids, *past, *extra)
+            logits, *present = self.module(input_ids, *past, *extra, *context)
         return logits, present
 
     def padded_decoder(self) -> Decoder:
@@ -228,25 +237,43 @@ def build_decoder(program, *, check: bool = True, bounded: bool = True,
     (module docstring, item 5; implies unbounded caches)."""
     _check_sites(program)
     graph = copy_graph(program.module)
-    ids = _token_input(graph)
-    canonical = list(canonical_nodes(graph).values())
+    decoder = cached_step(program, graph, _token_input(graph), bounded=bounded, padded=padded)
+    if check:
+        decoder.verify_error = check_decoder(decoder)
+        if padded:
+            decoder.verify_error = max(decoder.verify_error, check_padded(decoder))
+    return decoder
+
+
+def cached_step(program, graph: Graph, ids: Node, *, bounded: bool = True,
+                padded: bool = False) -> Decoder:
+    """The cache surgery on ``graph`` (a copy of ``program``'s, or the decoder half of an
+    encoder-decoder: rewriter.seq2seq), whose token input is ``ids``; not checked. Canonical
+    nodes whose K/V do not read ``ids`` (cross attention over context inputs) stay as they
+    are; the other tensor inputs become the decoder's ``context``."""
+    reads_ids = _readers(ids)
+    canonical = [n for n in canonical_nodes(graph).values() if n.args[1] in reads_ids]
     if not canonical:
-        raise DecoderError("the program has no rewriter::attention nodes (compiled for a "
-                           "backend?): build the decoder from the program before compile()")
+        raise DecoderError("the program has no rewriter::attention nodes over its tokens "
+                           "(compiled for a backend?): build the decoder from the program "
+                           "before compile()")
     sites = {s.node: s for s in program.sites}
+    full_masks = _full_length_masks(canonical, sites, padded)
     if padded:
         _check_padding_sites(canonical)
         bounded = False
-    groups = _head_groups(canonical, bounded)
+    groups = _head_groups(canonical, bounded, unbounded=full_masks)
     pasts, past_len, length = _add_cache_inputs(graph, ids, canonical, sites, groups)
     mask = _add_mask_input(graph, pasts) if padded else None
-    shifted = _shift_positions(graph, ids, past_len)
+    rows, copies = _mask_rows(graph, ids, full_masks, past_len, reads_ids)
+    shifted = _shift_positions(graph, ids, past_len, skip=copies)
     if padded:
         shifted += _per_row_positions(graph, ids, past_len, mask)
-    if not shifted:
+    if not shifted and not rows:
         raise DecoderError("no arange over the token axis found: cannot tell where the model "
                            "computes positions, so cached decoding would restart them at 0")
-    presents, cached_sites = _attend_over_cache(graph, canonical, pasts, sites, groups, length)
+    presents, cached_sites = _attend_over_cache(graph, canonical, pasts, sites, groups, length,
+                                                rows)
     if padded:
         cached_sites = _mask_keys(graph, mask, cached_sites)
     cache = _set_outputs(graph, pasts, presents, length)
@@ -261,12 +288,102 @@ def build_decoder(program, *, check: bool = True, bounded: bool = True,
             raise
         raise DecoderError(f"the model's position computation cannot take per-row positions "
                            f"[B, S] (padded=True): {first_line(exc)}") from exc
-    decoder = Decoder(module, cache, program, cached_sites, padded=padded)
-    if check:
-        decoder.verify_error = check_decoder(decoder)
+    known = {"past_length", "attention_mask", *(e.input_name for e in cache)}
+    context = [n for n in module.graph.nodes if n.op == "placeholder"
+               and n is not ids and n.name not in known]
+    for node in context:  # read only by what the surgery replaced
+        if not node.users:
+            module.graph.erase_node(node)
+    module.recompile()
+    context = tuple(n.name for n in context if n.users)
+    return Decoder(module, cache, program, cached_sites, padded=padded, context=context)
+
+
+def _readers(node: Node) -> set[Node]:
+    """``node`` and every node computed from it."""
+    out, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in out:
+            out.add(n)
+            stack.extend(n.users)
+    return out
+
+
+def _full_length_masks(canonical: list[Node], sites: dict, padded: bool) -> set[Node]:
+    """The self-attention nodes whose mask the cache surgery cannot drop for plain
+    bottom-right causal, but whose mask is a function of positions alone (T5's relative
+    position bias with its causal mask): the decoder computes it over all P + S positions and
+    keeps the last S query rows (``_mask_rows``). Any other mask is a DecoderError."""
+    out = set()
+    for node in canonical:
+        site = sites.get(node.name)
+        where = f"site {site.index}" if site is not None else f"attention {node.name}"
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if mask is None:
+            if node.kwargs.get("is_causal"):
+                continue
+            raise DecoderError(f"{where} is bidirectional (no causal mask): a decoder cache "
+                               "covers causal self-attention only")
+        if site is not None and site.mask in _CAUSAL_MASKS:
+            continue  # proven causal at capture: the cached op's own mask replaces it
+        kind = site.mask if site is not None else "mask"
+        try:
+            read_structure(mask, "mask", cumsum=False)
+        except NotProven as exc:
+            raise DecoderError(f"{where} has mask {kind!r}, which a decoder cache cannot "
+                               f"serve: {exc}") from None
         if padded:
-            decoder.verify_error = max(decoder.verify_error, check_padded(decoder))
-    return decoder
+            raise DecoderError(f"{where} has mask {kind!r} (computed from positions): padded "
+                               "batches are not supported for it; generate each prompt alone")
+        if node.kwargs.get("is_causal"):
+            raise DecoderError(f"{where} has both a mask ({kind!r}) and is_causal: the cache "
+                               "surgery serves one or the other")
+        out.add(node)
+    return out
+
+
+def _mask_rows(graph: Graph, ids: Node, nodes: set[Node], past_len: Node, reads_ids: set[Node]
+               ) -> tuple[dict[Node, Node], set[Node]]:
+    """For each node of ``_full_length_masks``: its mask computed as in one forward over all
+    P + S tokens (the mask's subgraph copied, reading a [B, P + S] stand-in for the token ids:
+    it reads them only through their shape), then its last S query rows. Returns {node: rows}
+    and the copied nodes (their aranges are already over all positions: not shifted)."""
+    if not nodes:
+        return {}, set()
+    with graph.inserting_after(past_len):
+        new = graph.call_function(aten.sym_size.int, (ids, 1))
+    with graph.inserting_after(new):
+        total = graph.call_function(operator.add, (new, past_len))
+    batch, last = ids.meta["val"].shape[0], total
+    if isinstance(batch, torch.SymInt):
+        with graph.inserting_after(total):
+            batch = last = graph.call_function(aten.sym_size.int, (ids, 0))
+    with graph.inserting_after(last):
+        stand_in = graph.call_function(aten.new_zeros.default, (ids, [batch, total]))
+    env: dict[Node, Node] = {ids: stand_in}
+    copies = {new, total, stand_in} | ({batch} if isinstance(batch, Node) else set())
+    rows = {}
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted(nodes, key=order.__getitem__):
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs["attn_mask"]
+        needed = sorted(ancestors(mask) & reads_ids - env.keys(), key=order.__getitem__)
+        if mask not in reads_ids:
+            raise DecoderError(f"attention {node.name}'s mask does not depend on the sequence "
+                               "length (a mask of fixed size): the decoder cannot extend it")
+        with graph.inserting_before(node):
+            for n in needed:
+                env[n] = graph.node_copy(n, lambda a: env.get(a, a))
+                copies.add(env[n])
+            shape = mask.meta["val"].shape
+            full = env[mask]
+            if shape[-2] == 1:  # one row for every query: nothing to select
+                rows[node] = full
+            else:
+                rows[node] = graph.call_function(aten.slice.Tensor,
+                                                 (full, len(shape) - 2, past_len, total))
+            copies.add(rows[node])
+    return rows, copies
 
 
 @dataclass(frozen=True)
@@ -278,7 +395,7 @@ class _Group:
     whole: bool  # all the source's KV heads (no split needed)
 
 
-def _head_groups(canonical: list[Node], bounded: bool = True
+def _head_groups(canonical: list[Node], bounded: bool = True, unbounded: set[Node] = frozenset()
                  ) -> dict[tuple[Node, Node], list[_Group]]:
     """Per (K, V) source: its KV heads grouped by cache bound. A KV head is bounded when every
     site reading it masks it to the same sink and some window (rewriter.ir.masks); its bound
@@ -302,8 +419,10 @@ def _head_groups(canonical: list[Node], bounded: bool = True
             bounds = per_kv if bounds is None else [
                 None if a is None or b is None else max(a, b)
                 for a, b in zip(bounds, per_kv, strict=True)]
-        # readers would evict differently; ALiBi reads positions an evicted cache loses
-        if len(sinks) > 1 or not bounded or any(n.kwargs.get("alibi") for n in nodes):
+        # readers would evict differently; ALiBi (and a mask over all positions) reads
+        # positions an evicted cache loses
+        if len(sinks) > 1 or not bounded or any(n.kwargs.get("alibi") or n in unbounded
+                                                for n in nodes):
             bounds = [None] * hkv
         by_bound: dict[int | None, list[int]] = {}
         for g, b in enumerate(bounds):
@@ -356,11 +475,13 @@ def _add_cache_inputs(graph: Graph, ids: Node, canonical: list[Node], sites: dic
 
 
 def _attend_over_cache(graph: Graph, canonical: list[Node], pasts: dict, sites: dict,
-                       groups: dict, length: Node | None
+                       groups: dict, length: Node | None, rows: dict[Node, Node]
                        ) -> tuple[dict, dict[str, object]]:
     """Each canonical node -> one cached (or bounded) attention op per head group, outputs
-    concatenated back in query-head order; returns {(K/V node, group): its present} (from the
-    first site reading it) and {cached node name: site}."""
+    concatenated back in query-head order; a node in ``rows`` (a mask over all positions,
+    ``_mask_rows``) -> the canonical op over cat(past, new) with those rows as its mask.
+    Returns {(K/V node, group): its present} (from the first site reading it) and {cached
+    node name: site}."""
     presents: dict[tuple[Node, _Group], Node] = {}
     cached_sites: dict[str, object] = {}
     for node in canonical:
@@ -386,17 +507,25 @@ def _attend_over_cache(graph: Graph, canonical: list[Node], pasts: dict, sites: 
                 if kw.get("alibi"):  # per query head; cache entry j is position j: exact
                     attrs["alibi"] = [float(kw["alibi"][h]) for h in q_heads]
                 past_k, past_v = pasts[(k, group)][0], pasts[(v, group)][0]
-                if group.bound is None:
-                    cached = graph.call_function(CACHED, (qq, kk, vv, past_k, past_v), attrs)
+                if node in rows:  # one whole group, unbounded (_head_groups)
+                    cached, *present = _attend_rows(graph, qq, kk, vv, past_k, past_v,
+                                                    rows[node], attrs)
                 else:
-                    cached = graph.call_function(BOUNDED, (qq, kk, vv, past_k, past_v, length),
-                                                 {**attrs, "bound": group.bound})
-                outs.append(graph.call_function(operator.getitem, (cached, 0)))
+                    if group.bound is None:
+                        cached = graph.call_function(CACHED, (qq, kk, vv, past_k, past_v),
+                                                     attrs)
+                    else:
+                        cached = graph.call_function(
+                            BOUNDED, (qq, kk, vv, past_k, past_v, length),
+                            {**attrs, "bound": group.bound})
+                    present = [graph.call_function(operator.getitem, (cached, i))
+                               for i in (1, 2)]
+                    outs.append(graph.call_function(operator.getitem, (cached, 0)))
+                if node in rows:
+                    outs.append(cached)
                 order += q_heads
-                for i, source in ((1, k), (2, v)):
-                    if (source, group) not in presents:
-                        presents[(source, group)] = graph.call_function(
-                            operator.getitem, (cached, i))
+                for source, tensor in zip((k, v), present, strict=True):
+                    presents.setdefault((source, group), tensor)
                 if node.name in sites:
                     cached_sites[cached.name] = sites[node.name]
             out = outs[0] if len(outs) == 1 else graph.call_function(aten.cat.default, (outs, 1))
@@ -407,6 +536,15 @@ def _attend_over_cache(graph: Graph, canonical: list[Node], pasts: dict, sites: 
         node.replace_all_uses_with(out)
         graph.erase_node(node)
     return presents, cached_sites
+
+
+def _attend_rows(graph: Graph, q: Node, k: Node, v: Node, past_k: Node, past_v: Node,
+                 rows: Node, attrs: dict) -> tuple[Node, Node, Node]:
+    """(out, present K, present V), as the cached ops return: the canonical op over
+    cat(past, new) with ``rows`` [.., S, P + S] as its mask."""
+    keys = graph.call_function(aten.cat.default, ([past_k, k], 2))
+    values = keys if v is k else graph.call_function(aten.cat.default, ([past_v, v], 2))
+    return graph.call_function(_ATTENTION, (q, keys, values, rows), attrs), keys, values
 
 
 def _select_heads(graph: Graph, x: Node, heads: list[int]) -> Node:
@@ -518,13 +656,18 @@ def check_padded(decoder: Decoder, prompt_len: int = 7, tolerance: float = EXACT
 # --- graph surgery helpers -----------------------------------------------------------------
 
 def _check_sites(program) -> None:
+    """A causal LM's sites: self-attention (masks are checked on the graph, by
+    ``_full_length_masks``)."""
     if not program.sites:
         raise DecoderError("the program has no attention sites")
+    cross = next((s for s in program.sites if s.cross), None)
+    if cross is not None:
+        raise DecoderError(f"site {cross.index} ({cross.module_path or 'attention'}) is cross "
+                           "attention: build an encoder-decoder's decoder with "
+                           "rewriter.seq2seq (Program.decoder() does when the program "
+                           "takes decoder_input_ids)")
     for s in program.sites:
-        if s.cross:
-            raise DecoderError(f"site {s.index} ({s.module_path or 'attention'}) is cross "
-                               "attention: a decoder cache covers causal self-attention only")
-        if s.mask not in _CAUSAL_MASKS:
+        if "causal" not in s.mask:  # 'relative-bias+causal-mask' is checked on the graph
             raise DecoderError(f"site {s.index} has mask {s.mask!r}: a decoder cache covers "
                                "causal self-attention only (mask 'causal' or 'causal-mask')")
 
@@ -544,12 +687,14 @@ def _token_input(graph: Graph) -> Node:
     return ids
 
 
-def _shift_positions(graph: Graph, ids: Node, past_len: Node) -> int:
-    """Add P to every arange over the token axis (arange(S) or arange(0, S)); returns how many."""
+def _shift_positions(graph: Graph, ids: Node, past_len: Node, skip: set[Node] = frozenset()
+                     ) -> int:
+    """Add P to every arange over the token axis (arange(S) or arange(0, S)), but those in
+    ``skip``; returns how many."""
     seq = str(ids.meta["val"].shape[1])
     count = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _ARANGE:
+        if node.op != "call_function" or node.target not in _ARANGE or node in skip:
             continue
         val = node.meta.get("val")
         starts_at_zero = node.target is aten.arange.default or node.args[0] == 0
@@ -689,26 +834,31 @@ def _propagate_fake(module: GraphModule) -> None:
     FakeTensorProp(module, mode).propagate(*[mode.from_tensor(x) for x in example])
 
 
-def _example_inputs(module: GraphModule, batch: int = 2, seq: int = 5, past: int = 3
-                    ) -> list[torch.Tensor]:
+def _example_inputs(module: GraphModule, batch: int = 2, seq: int = 5, past: int = 3,
+                    context_len: int = 4) -> list[torch.Tensor]:
+    """Inputs in placeholder order: token ids first; a context input (an encoder's output)
+    has its example's shape but on its dynamic axes (``meta["rewriter_axes"]``): the batch,
+    and ``context_len`` for the encoder's positions."""
     out = []
     batch = _static_batch(module) or batch
-    for node in module.graph.nodes:
-        if node.op != "placeholder":
-            continue
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
         val = node.meta["val"]
-        if node.name == "input_ids":
+        if i == 0:
             out.append(torch.zeros(batch, seq, dtype=val.dtype))
         elif node.name == "past_length":
             out.append(torch.tensor(past, dtype=torch.long))
         elif node.name == "attention_mask":
             out.append(torch.ones(batch, past + seq, dtype=torch.long))
-        else:
+        elif node.name.startswith(("past_key_", "past_value_")):
             out.append(torch.zeros(batch, int(val.shape[1]), past, int(val.shape[3]),
                                    dtype=val.dtype))
+        else:  # context: the example's shape, with its dynamic axes set
+            axes = node.meta.get("rewriter_axes", {})
+            shape = [{"batch": batch, None: int(d)}.get(axes.get(a), context_len)
+                     for a, d in enumerate(val.shape)]
+            out.append(torch.ones(shape, dtype=val.dtype))
     return out
-
-
 
 
 def _static_batch(module: GraphModule) -> int | None:

@@ -13,10 +13,11 @@ from rewriter.analysis.render import sites_table
 from rewriter.analysis.verify import VerifyReport, compare_outputs
 from rewriter.checkpoint import save_program
 from rewriter.codegen import compile_program
-from rewriter.decoder import build_decoder
+from rewriter.decoder import DecoderError, build_decoder
 from rewriter.ir.precision import EXACT_TOLERANCE, float64_module, to_float64
 from rewriter.ir.program import GraphProgram
 from rewriter.onnx import export_onnx
+from rewriter.seq2seq import build_seq2seq, is_seq2seq
 
 
 class Program(GraphProgram):
@@ -73,7 +74,16 @@ class Program(GraphProgram):
         checked against the program before it is returned. Sink + window heads keep a bounded
         cache unless ``bounded=False``; ``decoder.cache_report()`` gives the bytes.
         ``padded``: an attention_mask input for left-padded batches (``generate(...,
-        attention_mask=...)`` builds such a decoder by itself when a batch has pads)."""
+        attention_mask=...)`` builds such a decoder by itself when a batch has pads).
+        An encoder-decoder (captured with ``decoder_input_ids``) gives a
+        rewriter.seq2seq.Seq2Seq: an encoder and a cached decoder step, with the same
+        ``generate(inputs, max_new_tokens, attention_mask=None)``."""
+        if is_seq2seq(self):
+            if padded:
+                raise DecoderError("padded=True is for causal LMs: an encoder-decoder's "
+                                   "decoder starts every row at its start token, and the "
+                                   "encoder's padding goes in generate(attention_mask=...)")
+            return build_seq2seq(self, bounded=bounded)
         return build_decoder(self, bounded=bounded, padded=padded)
 
     def save(self, path, *, force: bool = False, verification: VerifyReport | None = None,

@@ -146,21 +146,21 @@ def test_static_capture_is_refused():
         build_decoder(prog)
 
 
-def _positions_not_shifted(graph, ids, past_len):  # noqa: ARG001  (the surgery's signature)
+def _positions_not_shifted(graph, ids, past_len, skip=()):  # noqa: ARG001  (its signature)
     return 1  # claims success, but positions restart at 0 after the prefill
 
 
-def _cache_widens_window(graph, canonical, pasts, sites, groups, length):
+def _cache_widens_window(graph, canonical, pasts, sites, groups, length, rows):
     for node in canonical:  # window=3 -> window=12: the cached ops read too many keys
         node.kwargs = {**node.kwargs, "sparsity": "window=12,sink=1"}
-    return ORIGINAL_ATTEND(graph, canonical, pasts, sites, groups, length)
+    return ORIGINAL_ATTEND(graph, canonical, pasts, sites, groups, length, rows)
 
 
-def _cache_evicts_too_much(canonical, bounded):
+def _cache_evicts_too_much(canonical, bounded, unbounded=frozenset()):
     """Bounds one position short: the oldest key of the window is evicted."""
     return {pair: [decoder_mod._Group(g.kv_heads, g.bound and g.bound - 1, g.whole)
                    for g in groups]
-            for pair, groups in ORIGINAL_GROUPS(canonical, bounded).items()}
+            for pair, groups in ORIGINAL_GROUPS(canonical, bounded, unbounded).items()}
 
 
 ORIGINAL_ATTEND = decoder_mod._attend_over_cache

@@ -127,6 +127,47 @@ def _whisper_inputs(batch: int, seq: int) -> Inputs:
 
 
 _TOKENS = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# encoder-decoders: the zoo's bare models and seq2seq_model()'s generation heads share these
+T5_CONFIG = dict(_TOKENS, d_model=E, d_kv=D, d_ff=FFN, num_layers=LAYERS,
+                 num_decoder_layers=LAYERS, num_heads=H, relative_attention_num_buckets=8,
+                 relative_attention_max_distance=16, decoder_start_token_id=0)
+_ENC_DEC = dict(_TOKENS, d_model=E, encoder_layers=LAYERS, decoder_layers=LAYERS,
+                encoder_attention_heads=H, decoder_attention_heads=H, encoder_ffn_dim=FFN,
+                decoder_ffn_dim=FFN)
+BART_CONFIG = dict(_ENC_DEC, max_position_embeddings=MAX_POS, decoder_start_token_id=2)
+WHISPER_CONFIG = dict(_ENC_DEC, num_mel_bins=WHISPER_MELS, max_source_positions=WHISPER_SRC,
+                      max_target_positions=MAX_POS, decoder_start_token_id=1)
+# (model class, config class, config, matrix scale: see seq2seq_model)
+SEQ2SEQ = {"t5": ("T5ForConditionalGeneration", "T5Config", T5_CONFIG, 8.0),
+           "bart": ("BartForConditionalGeneration", "BartConfig", BART_CONFIG, 8.0),
+           "whisper": ("WhisperForConditionalGeneration", "WhisperConfig", WHISPER_CONFIG, 1.0)}
+
+
+def seq2seq_model(arch: str, impl: str = "sdpa") -> nn.Module:
+    """The zoo's T5 / BART / Whisper config with its generation head (untied from the
+    embedding), for generation tests. Every matrix is scaled (per architecture): at the zoo's
+    small init, greedy decoding of a random model repeats one token (with a tied head, the
+    one it was fed); scaled, it wanders, so a wrong cache shows in the tokens. The generation
+    config is plain greedy (no EOS, forced or suppressed tokens)."""
+    model_cls, config_cls, cfg, scale = SEQ2SEQ[arch]
+    model = _hf(model_cls, config_cls, impl, **cfg, tie_word_embeddings=False)()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+    gen = model.generation_config
+    gen.eos_token_id = gen.forced_eos_token_id = gen.forced_bos_token_id = None
+    gen.suppress_tokens = gen.begin_suppress_tokens = None
+    return model
+
+
+def seq2seq_inputs(arch: str, batch: int = 2, seq: int = 7) -> dict:
+    """Encoder inputs and decoder ids for capture (row 0 of a text encoder's mask has two
+    pads at the end, as a tokenizer pads)."""
+    _, kwargs = (_whisper_inputs if arch == "whisper" else _t5_inputs)(batch, seq)
+    if "attention_mask" in kwargs:
+        kwargs["attention_mask"][0, -2:] = 0
+    return kwargs
 _DEC = dict(
     _TOKENS,
     hidden_size=E,
@@ -279,16 +320,7 @@ HF_ENTRIES: list[ZooEntry] = [
         "enc self x2, then dec (self, cross) x2; unscaled, relative position bias "
         "(passed to sdpa as the mask); decoder len = seq - 2",
         inputs=_t5_inputs,
-        **_TOKENS,
-        d_model=E,
-        d_kv=D,
-        d_ff=FFN,
-        num_layers=LAYERS,
-        num_decoder_layers=LAYERS,
-        num_heads=H,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        decoder_start_token_id=0,
+        **T5_CONFIG,
     ),
     *_hf_entries(
         "whisper",
@@ -297,18 +329,7 @@ HF_ENTRIES: list[ZooEntry] = [
         (MHA_SITE,) * (3 * LAYERS),
         "enc self x2 (8 frames fixed), then dec (self, cross) x2; q pre-scaled, sdpa scale=1",
         inputs=_whisper_inputs,
-        **_TOKENS,
-        d_model=E,
-        encoder_layers=LAYERS,
-        decoder_layers=LAYERS,
-        encoder_attention_heads=H,
-        decoder_attention_heads=H,
-        encoder_ffn_dim=FFN,
-        decoder_ffn_dim=FFN,
-        num_mel_bins=WHISPER_MELS,
-        max_source_positions=WHISPER_SRC,
-        max_target_positions=MAX_POS,
-        decoder_start_token_id=1,
+        **WHISPER_CONFIG,
     ),
     # ---- more architectures (issue #16 item 5) ----
     *_hf_entries(
@@ -484,16 +505,7 @@ HF_ENTRIES: list[ZooEntry] = [
         (MHA_SITE,) * (3 * LAYERS),
         "enc self x2, then dec (self, cross) x2, learned positions; decoder len = seq - 2",
         inputs=_t5_inputs,
-        **_TOKENS,
-        d_model=E,
-        encoder_layers=LAYERS,
-        decoder_layers=LAYERS,
-        encoder_attention_heads=H,
-        decoder_attention_heads=H,
-        encoder_ffn_dim=FFN,
-        decoder_ffn_dim=FFN,
-        max_position_embeddings=MAX_POS,
-        decoder_start_token_id=2,
+        **BART_CONFIG,
     ),
     *_hf_entries(
         "distilbert",
