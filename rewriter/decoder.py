@@ -135,6 +135,12 @@ class Decoder:
         return ["logits", *(e.output_name for e in self.cache),
                 *(["present_length"] if self.bounded else [])]
 
+    def context_axes(self) -> list[dict[int, str]]:
+        """Per context input, its dynamic axes: {axis: "batch" | "encoder_sequence"}."""
+        placeholders = {n.name: n for n in self.module.graph.nodes if n.op == "placeholder"}
+        return [dict(placeholders[name].meta.get("rewriter_axes", {}))
+                for name in self.context]
+
     def cache_bytes(self, past: int, bytes_per_element: int = 2) -> int:
         """Bytes of the whole cache after ``past`` tokens (bf16 by default)."""
         return sum(e.bytes(past, bytes_per_element) for e in self.cache)
@@ -276,6 +282,9 @@ def cached_step(program, graph: Graph, ids: Node, *, bounded: bool = True,
                                                 rows)
     if padded:
         cached_sites = _mask_keys(graph, mask, cached_sites)
+    for node in canonical_nodes(graph).values():  # cross attention, left as it is
+        if node.name in sites:
+            cached_sites.setdefault(node.name, sites[node.name])
     cache = _set_outputs(graph, pasts, presents, length)
     _drop_static_inputs(graph)
     graph.set_codegen(CodeGen())  # a plain forward(input_ids, past_key_0, ...) signature

@@ -27,6 +27,12 @@ D]; outputs logits and present_key_<n>/present_value_<n>. With target "ort", ONN
 GroupQueryAttention takes several new tokens after a non-empty cache only at batch 1
 (prefill and one-token steps work at any batch).
 
+Encoder-decoders (T5, BART, Whisper; rewriter.seq2seq): ``kv_cache=True`` writes the decoder
+step to the path and the encoder beside it (``dec.encoder.onnx``); ``session`` opens both:
+
+    prog.export_onnx("out/dec.onnx", target="ort", kv_cache=True)
+    tokens = rwonnx.generate(rwonnx.session("out/dec.onnx"), input_ids, 32, attention_mask=mask)
+
 Left-padded batches: export with ``padded=True`` (the decoder then takes attention_mask
 [batch, total_sequence] = [B, P + S] last) and pass the prompt's mask to ``generate``:
 
@@ -38,9 +44,11 @@ from __future__ import annotations
 
 import os
 
-from rewriter.codegen.ort.runtime import generate, run, session
+from rewriter.codegen.ort import runtime, seq2seq
+from rewriter.codegen.ort.runtime import run
 from rewriter.decoder import build_decoder
 from rewriter.errors import RewriterError
+from rewriter.seq2seq import build_seq2seq, is_seq2seq
 
 __all__ = ["export_onnx", "generate", "run", "session"]
 
@@ -49,12 +57,42 @@ def export_onnx(program, path: str | os.PathLike, target: str = "onnx", *,
                 kv_cache: bool = False, padded: bool = False, **options) -> list[dict]:
     """Export ``program`` to ``path`` (see rewriter.codegen.onnx.export.export_program);
     ``kv_cache``: as a decoder step with past/present key-value inputs and outputs (built and
-    checked by rewriter.decoder.build_decoder, then export_decoder); ``padded`` (with
+    checked by rewriter.decoder.build_decoder, then export_decoder; an encoder-decoder by
+    rewriter.seq2seq, its encoder written beside, ``<stem>.encoder.onnx``); ``padded`` (with
     ``kv_cache``): one more input, attention_mask [B, P + S], for left-padded batches."""
-    from rewriter.codegen.onnx.export import export_decoder, export_program  # imports onnx
+    from rewriter.codegen.onnx.export import (  # imports onnx
+        export_decoder,
+        export_program,
+        export_seq2seq,
+    )
 
     if padded and not kv_cache:
         raise RewriterError("padded=True is for decoders: export with kv_cache=True")
+    if kv_cache and is_seq2seq(program):
+        if padded:
+            raise RewriterError("padded=True is for causal LMs: an encoder-decoder takes the "
+                                "encoder's attention_mask in generate()")
+        return export_seq2seq(build_seq2seq(program), path, target, **options)
     if kv_cache:
         return export_decoder(build_decoder(program, padded=padded), path, target, **options)
     return export_program(program, path, target, **options)
+
+
+def session(path: str | os.PathLike, *, threads: int | None = None,
+            providers: list[str] | None = None):
+    """An onnxruntime.InferenceSession (rewriter.codegen.ort.runtime.session), or for an
+    encoder-decoder's step a Seq2SeqSession holding its encoder's session too."""
+    decoder = runtime.session(path, threads=threads, providers=providers)
+    both = seq2seq.open_seq2seq(decoder, path, lambda p: runtime.session(
+        p, threads=threads, providers=providers))
+    return decoder if both is None else both
+
+
+def generate(sess, input_ids, max_new_tokens: int, attention_mask=None):
+    """Greedy decoding with an exported decoder (rewriter.codegen.ort.runtime.generate): the
+    prompt [B, S] and ``max_new_tokens`` more. For an encoder-decoder (a Seq2SeqSession),
+    ``input_ids`` is the encoder's input and ``attention_mask`` its mask; the result is the
+    decoder's tokens [B, 1 + max_new_tokens] (rewriter.codegen.ort.seq2seq.generate)."""
+    if isinstance(sess, seq2seq.Seq2SeqSession):
+        return seq2seq.generate(sess, input_ids, max_new_tokens, attention_mask)
+    return runtime.generate(sess, input_ids, max_new_tokens, attention_mask)

@@ -59,10 +59,16 @@ class Seq2Seq:
     program: object = field(repr=False)
     start_token: int | None = None
     verify_error: float = float("nan")
+    # per encoder input, its dynamic axes: {axis: "batch" | "encoder_sequence"}
+    input_axes: tuple[dict[int, str], ...] = ()
 
     @property
     def context(self) -> tuple[str, ...]:
         return self.decoder.context
+
+    def example_inputs(self) -> list[torch.Tensor]:
+        """The encoder's inputs from the program's example (capture's) inputs."""
+        return _example_sources(self.program, list(self.encoder_inputs))
 
     def encode(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> list[torch.Tensor]:
         """The decoder's context from the encoder's inputs (positional in ``encoder_inputs``
@@ -137,7 +143,9 @@ def build_seq2seq(program, *, check: bool = True, bounded: bool = True) -> Seq2S
     config = getattr(program, "hf_config", None)
     start = getattr(config, "decoder_start_token_id", None)
     s2s = Seq2Seq(encoder, step, tuple(n.name for n in sources), program,
-                  None if start is None else int(start))
+                  None if start is None else int(start),
+                  input_axes=_input_axes(sources, _example_sources(
+                      program, [n.name for n in sources])))
     if check:
         s2s.verify_error = s2s.decoder.verify_error = check_seq2seq(s2s)
     return s2s
@@ -291,16 +299,12 @@ def _context_examples(encoder: GraphModule, program, sources: list[Node]
     """Each context tensor from the program's example inputs, with its dynamic axes:
     ``{axis: "batch" | "encoder_sequence"}``, found by running the encoder again on inputs one
     row and one position longer (on their dynamic axes)."""
-    named = dict(zip([s.name for s in sources], program.example_args, strict=False))
-    named.update((k, v) for k, v in program.example_kwargs.items()
-                 if k in {s.name for s in sources})
-    inputs = [named[s.name] for s in sources]
+    inputs = _example_sources(program, [s.name for s in sources])
     grown = []
-    for source, x in zip(sources, inputs, strict=True):
-        # the batch, and the positions of token ids and masks (features keep their frames)
-        for axis in (0,) if x.is_floating_point() else range(x.dim()):
-            if isinstance(source.meta["val"].shape[axis], torch.SymInt):
-                x = torch.cat([x, x.narrow(axis, 0, 1)], dim=axis)
+    # the batch, and the positions of token ids and masks (features keep their frames)
+    for x, axes in zip(inputs, _input_axes(sources, inputs), strict=True):
+        for axis in axes:
+            x = torch.cat([x, x.narrow(axis, 0, 1)], dim=axis)
         grown.append(x)
     with torch.no_grad():
         before, after = encoder(*inputs), encoder(*grown)
@@ -311,6 +315,20 @@ def _context_examples(encoder: GraphModule, program, sources: list[Node]
                 for axis, (n, m) in enumerate(zip(a.shape, b.shape, strict=True)) if n != m}
         out.append((a, axes))
     return out
+
+
+def _example_sources(program, names: list[str]) -> list[torch.Tensor]:
+    named = dict(zip(names, program.example_args, strict=False))
+    named.update((k, v) for k, v in program.example_kwargs.items() if k in names)
+    return [named[n] for n in names]
+
+
+def _input_axes(sources: list[Node], inputs: list[torch.Tensor]) -> tuple[dict[int, str], ...]:
+    """The axes ``_context_examples`` grows: the batch, and a token input's positions."""
+    return tuple({axis: "batch" if axis == 0 else "encoder_sequence"
+                  for axis in ((0,) if x.is_floating_point() else range(x.dim()))
+                  if isinstance(s.meta["val"].shape[axis], torch.SymInt)}
+                 for s, x in zip(sources, inputs, strict=True))
 
 
 def _keep_outputs(module: GraphModule, keep: list[int]) -> None:

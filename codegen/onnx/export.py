@@ -72,7 +72,8 @@ def export_program(program, path: str | os.PathLike, target: str = "onnx", *,
 
 def export_decoder(decoder, path: str | os.PathLike, target: str = "onnx", *,
                    decompose: bool = False, check: bool = True,
-                   external_data: bool | None = None) -> list[dict]:
+                   external_data: bool | None = None, metadata: dict | None = None
+                   ) -> list[dict]:
     """Write ``decoder`` (rewriter.decoder.Decoder) as ONNX with past/present KV inputs and
     outputs; returns the per-site manifest rows (the manifest JSON also lists the cache).
     ``external_data`` as for `export_program`."""
@@ -84,17 +85,60 @@ def export_decoder(decoder, path: str | os.PathLike, target: str = "onnx", *,
     # batch stays fixed where the capture pinned it (torch.export specializes a batch of 1)
     batch = None if decoder.static_batch else Dim("batch")
     seq, past = Dim("sequence"), Dim("past_sequence")
+    dims = {"batch": batch, "encoder_sequence": Dim("encoder_sequence")}
     shapes = ({0: batch, 1: seq}, *({0: batch, 2: past} for _ in decoder.cache),
               *([{}] if decoder.bounded else []),  # past_length: a scalar, no dynamic axes
               # attention_mask [B, P + S] of a padded decoder: only its own ops read the
               # length (rewriter.ir.padding), so it gets an axis of its own
-              *([{0: batch, 1: Dim("total_sequence")}] if decoder.padded else []))
+              *([{0: batch, 1: Dim("total_sequence")}] if decoder.padded else []),
+              # an encoder-decoder's context (cross K/V [B, H, Ssrc, D], its mask)
+              *({axis: dims[role] for axis, role in axes.items()}
+                for axes in decoder.context_axes()))
     model = _to_onnx(decoder.module, tuple(decoder.example_inputs()), {}, shapes, plans,
                      names=(decoder.input_names, decoder.output_names))
+    for key, value in (metadata or {}).items():
+        model.metadata_props[key] = str(value)
     cache = [{"input": e.input_name, "output": e.output_name, "kv_heads": e.heads,
               "head_dim": e.head_dim, "sites": list(e.sites), "bound": e.bound}
              for e in decoder.cache]
-    return _write(model, path, target, plans, check, external_data, cache=cache)["sites"]
+    return _write(model, path, target, plans, check, external_data, cache=cache,
+                  **({"metadata": metadata} if metadata else {}))["sites"]
+
+
+def encoder_path(path: str | os.PathLike) -> Path:
+    """dec.onnx -> dec.encoder.onnx: an encoder-decoder's encoder, beside its decoder step."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.encoder{path.suffix or '.onnx'}")
+
+
+def export_seq2seq(s2s, path: str | os.PathLike, target: str = "onnx", *,
+                   decompose: bool = False, check: bool = True,
+                   external_data: bool | None = None) -> list[dict]:
+    """Write an encoder-decoder (rewriter.seq2seq.Seq2Seq): its decoder step to ``path`` (as
+    `export_decoder`, with the context inputs cross_key_<n>/cross_value_<n> [batch, H,
+    encoder_sequence, D] and the like) and its encoder to ``encoder_path(path)`` (the
+    encoder's inputs -> that context). The step's metadata names the encoder file and the
+    decoder start token (rewriter.onnx.session opens both). Returns both files' site rows."""
+    from torch.export import Dim
+
+    if target not in TARGETS:
+        raise ExportError(f"unknown ONNX target {target!r} (allowed: {', '.join(TARGETS)})")
+    program = s2s.program
+    sites = {s.node: s for s in program.sites}
+    plans = plan(s2s.encoder, sites, target, decompose)
+    dims = {"batch": Dim("batch"), "encoder_sequence": Dim("encoder_sequence")}
+    shapes = tuple({axis: dims[role] for axis, role in axes.items()}
+                   for axes in s2s.input_axes)
+    model = _to_onnx(s2s.encoder, tuple(s2s.example_inputs()), {}, shapes, plans,
+                     names=(list(s2s.encoder_inputs), list(s2s.context)))
+    encoder = encoder_path(path)
+    rows = _write(model, encoder, target, plans, check, external_data)["sites"]
+    metadata = {"rewriter.encoder": encoder.name,
+                "rewriter.encoder_inputs": ",".join(s2s.encoder_inputs)}
+    if s2s.start_token is not None:
+        metadata["rewriter.decoder_start_token_id"] = s2s.start_token
+    return rows + export_decoder(s2s.decoder, path, target, decompose=decompose, check=check,
+                                 external_data=external_data, metadata=metadata)
 
 
 def data_path(path: str | os.PathLike) -> Path:
