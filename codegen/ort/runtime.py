@@ -22,7 +22,11 @@ def generate(sess, input_ids: torch.Tensor, max_new_tokens: int,
     read from the session's inputs) and each step feeds back the present tensors (and, for a
     bounded decoder, past_length: 0, then present_length). ``attention_mask`` [B, S] (1
     token, 0 pad) for left-padded prompts needs a decoder exported with ``padded=True``
-    (it takes attention_mask [B, P + S], grown by one column per step)."""
+    (it takes attention_mask [B, P + S], grown by one column per step). Inputs and outputs
+    go through an IO binding: each step's present OrtValues are bound as the next step's past
+    inputs without a copy, and only the logits are read into numpy."""
+    import onnxruntime as ort
+
     inputs = [i for i in sess.get_inputs() if i.name != "attention_mask"]
     padded = len(inputs) < len(sess.get_inputs())
     names = [i.name for i in inputs]
@@ -42,16 +46,23 @@ def generate(sess, input_ids: torch.Tensor, max_new_tokens: int,
     past = [np.zeros((), dtype=np.int64) if i.name == "past_length" else
             np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=_numpy_dtype(i.type))
             for i in inputs[1:]]
+    past = [ort.OrtValue.ortvalue_from_numpy(p) for p in past]
     step = _numpy(input_ids).astype(np.int64)
     if padded and mask is None:
         mask = np.ones(step.shape, dtype=np.int64)
     out = [step]
+    binding = sess.io_binding()
     for _ in range(max_new_tokens):
-        feed = {"input_ids": step, **dict(zip(names[1:], past, strict=True))}
+        binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(step))
+        for name, value in zip(names[1:], past, strict=True):
+            binding.bind_ortvalue_input(name, value)
         if padded:
-            feed["attention_mask"] = mask
-        results = sess.run(None, feed)
-        step = results[0][:, -1].argmax(-1)[:, None].astype(np.int64)
+            binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(mask))
+        for name in outputs:  # rebound each step, else ORT would write into last step's
+            binding.bind_output(name, "cpu")  # outputs, which are this step's past inputs
+        sess.run_with_iobinding(binding)
+        results = binding.get_outputs()
+        step = results[0].numpy()[:, -1].argmax(-1)[:, None].astype(np.int64)
         out.append(step)
         past = [results[j] for j in present]
         if padded:

@@ -320,3 +320,30 @@ def test_smollm2_dense_generation(tmp_path, capfd):
 @pytest.mark.slow
 def test_smollm2_gqa_generation(tmp_path, capfd):
     smollm_generation(tmp_path, ["gqa:kv-heads=1"], capfd)
+
+
+def numpy_feed_generate(sess, prompt: torch.Tensor, new: int) -> torch.Tensor:
+    """Greedy decoding with plain ``sess.run`` numpy feeds: the reference for the IO binding."""
+    inputs, outputs = sess.get_inputs()[1:], [o.name for o in sess.get_outputs()]
+    past = {i.name: np.zeros((), np.int64) if i.name == "past_length" else
+            np.zeros((prompt.shape[0], i.shape[1], 0, i.shape[3]), np.float32) for i in inputs}
+    step, out = prompt.numpy(), [prompt.numpy()]
+    for _ in range(new):
+        results = dict(zip(outputs, sess.run(None, {"input_ids": step, **past}), strict=True))
+        step = results["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+        out.append(step)
+        past = {n: results[n.replace("past_", "present_", 1)] for n in past}
+    return torch.from_numpy(np.concatenate(out, axis=1))
+
+
+@pytest.mark.parametrize("spec", [None, "sparse:window=3,sink=1"], ids=["full", "bounded"])
+def test_io_binding_generation_equals_numpy_feeds(llama, tmp_path, spec):
+    """generate binds each step's presents as the next step's pasts (no copy); the tokens
+    equal a numpy-feed loop, also for a bounded cache whose presents keep one shape."""
+    dec = llama[1] if spec is None else build_decoder(rw.rewrite(llama[0], spec))
+    export_decoder(dec, tmp_path / "d.onnx", "onnx")
+    sess = rwonnx.session(tmp_path / "d.onnx", threads=1)
+    prompt = zoo._ids(2, 4, seed=6)
+    want = numpy_feed_generate(sess, prompt, 12)
+    assert want.shape == (2, 16)
+    assert torch.equal(rwonnx.generate(sess, prompt, 12), want)
