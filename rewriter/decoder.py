@@ -48,7 +48,7 @@ from torch.utils._pytree import tree_leaves
 
 from rewriter.analysis.quality import logits_fn
 from rewriter.errors import RewriterError, first_line
-from rewriter.ir.graph import canonical_nodes, cleanup, copy_graph
+from rewriter.ir.graph import canonical_nodes, cleanup, copy_graph, descendants
 from rewriter.ir.masks import MaskSpec
 from rewriter.ir.ops import attention as _attention_op  # noqa: F401  (registers the ops)
 from rewriter.ir.padding import check_attention_mask
@@ -257,7 +257,7 @@ def cached_step(program, graph: Graph, ids: Node, *, bounded: bool = True,
     encoder-decoder: rewriter.seq2seq), whose token input is ``ids``; not checked. Canonical
     nodes whose K/V do not read ``ids`` (cross attention over context inputs) stay as they
     are; the other tensor inputs become the decoder's ``context``."""
-    reads_ids = _readers(ids)
+    reads_ids = descendants(ids)
     canonical = [n for n in canonical_nodes(graph).values() if n.args[1] in reads_ids]
     if not canonical:
         raise DecoderError("the program has no rewriter::attention nodes over its tokens "
@@ -306,17 +306,6 @@ def cached_step(program, graph: Graph, ids: Node, *, bounded: bool = True,
     module.recompile()
     context = tuple(n.name for n in context if n.users)
     return Decoder(module, cache, program, cached_sites, padded=padded, context=context)
-
-
-def _readers(node: Node) -> set[Node]:
-    """``node`` and every node computed from it."""
-    out, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in out:
-            out.add(n)
-            stack.extend(n.users)
-    return out
 
 
 def _full_length_masks(canonical: list[Node], sites: dict, padded: bool) -> set[Node]:

@@ -34,7 +34,7 @@ from torch.fx import CodeGen, Graph, GraphModule, Node
 from torch.utils._pytree import tree_leaves
 
 from rewriter.decoder import Decoder, DecoderError, cached_step
-from rewriter.ir.graph import canonical_nodes, cleanup, copy_graph
+from rewriter.ir.graph import canonical_nodes, cleanup, copy_graph, descendants
 from rewriter.ir.precision import EXACT_TOLERANCE, float64_module
 
 __all__ = ["DECODER_INPUT", "Seq2Seq", "build_seq2seq", "is_seq2seq"]
@@ -130,8 +130,8 @@ def build_seq2seq(program, *, check: bool = True, bounded: bool = True) -> Seq2S
         raise DecoderError("the program was captured with a static decoder length: capture "
                            "with dynamic=True to build a decoder")
     _batch_from_encoder(graph, ids, sources[0])
-    decoder_side = _readers(ids)
-    encoder_side = set().union(*(_readers(s) for s in sources)) - decoder_side
+    decoder_side = descendants(ids)
+    encoder_side = set().union(*(descendants(s) for s in sources)) - decoder_side
     boundary = [n for n in graph.nodes if n in encoder_side
                 and any(u in decoder_side for u in n.users)]
     names = _context_names(graph, boundary, decoder_side)
@@ -151,16 +151,14 @@ def build_seq2seq(program, *, check: bool = True, bounded: bool = True) -> Seq2S
     return s2s
 
 
-def check_seq2seq(s2s: Seq2Seq, prompt_len: int = 6, batch: int = 2,
-                  tolerance: float = EXACT_TOLERANCE) -> float:
+def check_seq2seq(s2s: Seq2Seq, prompt_len: int = 6, tolerance: float = EXACT_TOLERANCE
+                  ) -> float:
     """The encoder, a prefill of ``prompt_len`` decoder tokens and one step, against one
     forward of the program over all of them, in float64; raises DecoderError past
     ``tolerance``. Returns the max relative error."""
     program = s2s.program
     kwargs = {k: v for k, v in program.example_kwargs.items() if k != DECODER_INPUT}
-    encoder_args = dict(zip(s2s.encoder_inputs, program.example_args, strict=False))
-    example = {**encoder_args, **{k: v for k, v in kwargs.items()
-                                  if k in s2s.encoder_inputs}}
+    example = dict(zip(s2s.encoder_inputs, s2s.example_inputs(), strict=True))
     batch = next(iter(example.values())).shape[0]
     vocab = int(_output_leaf(s2s.decoder.module).meta["val"].shape[-1])
     gen = torch.Generator().manual_seed(0)
@@ -171,7 +169,7 @@ def check_seq2seq(s2s: Seq2Seq, prompt_len: int = 6, batch: int = 2,
     step = float64_module(s2s.decoder.module, shared)
     as64 = {k: v.double() if v.is_floating_point() else v for k, v in example.items()}
     with torch.no_grad():
-        want = _logits(full(*(), **{**kwargs, **as64, DECODER_INPUT: ids}))
+        want = _logits(full(**{**kwargs, **as64, DECODER_INPUT: ids}))
         context = list(encoder(*(as64[n] for n in s2s.encoder_inputs)))
         first, *past = step(ids[:, :-1], *s2s.decoder.empty_cache(batch, torch.float64),
                             *context)
@@ -209,16 +207,6 @@ def _batch_from_encoder(graph: Graph, ids: Node, source: Node) -> None:
             size.meta = dict(node.meta)
             node.replace_all_uses_with(size)
             graph.erase_node(node)
-
-
-def _readers(node: Node) -> set[Node]:
-    out, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in out:
-            out.add(n)
-            stack.extend(n.users)
-    return out
 
 
 def _context_names(graph: Graph, boundary: list[Node], decoder_side: set[Node]

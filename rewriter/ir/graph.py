@@ -168,6 +168,17 @@ def cleanup(gm: GraphModule, recompile: bool = True) -> None:
         gm.recompile()
 
 
+def descendants(node: Node) -> set[Node]:
+    """``node`` and every node computed from it."""
+    out, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in out:
+            out.add(n)
+            stack.extend(n.users)
+    return out
+
+
 def canonical_nodes(graph: Graph | GraphModule) -> dict[str, Node]:
     """The canonical ``rewriter::attention`` nodes by name, in graph order."""
     graph = graph.graph if isinstance(graph, GraphModule) else graph
