@@ -15,7 +15,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from rewriter.ir.graph import fetch_attr, val
+from rewriter.ir.graph import ancestors, fetch_attr, val
 from rewriter.patterns.graph import SHAPE_ONLY, is_op
 
 aten = torch.ops.aten
@@ -75,16 +75,6 @@ def read_structure(term: Node, what: str = "value", cumsum: bool = True
             raise NotProven(f"the {what} counts positions over input {p.name}, which is not a "
                             "2-D padding mask")
     return list(seen), via_cumsum
-
-
-def ancestors(node: Node) -> set[Node]:
-    out, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in out:
-            out.add(n)
-            stack.extend(n.all_input_nodes)
-    return out
 
 
 def evaluate(term: Node, gm: GraphModule, inputs: dict[Node, Any], ones: set[Node] = frozenset()):

@@ -48,13 +48,13 @@ from torch.utils._pytree import tree_leaves
 
 from rewriter.analysis.quality import logits_fn
 from rewriter.errors import RewriterError, first_line
-from rewriter.ir.graph import canonical_nodes, cleanup, copy_graph, descendants
+from rewriter.ir.graph import ancestors, canonical_nodes, cleanup, copy_graph, descendants
 from rewriter.ir.masks import MaskSpec
 from rewriter.ir.ops import attention as _attention_op  # noqa: F401  (registers the ops)
 from rewriter.ir.padding import check_attention_mask
 from rewriter.ir.precision import EXACT_TOLERANCE, float64_module
 from rewriter.ir.topk import is_topk
-from rewriter.patterns.static_values import NotProven, ancestors, read_structure
+from rewriter.patterns.static_values import NotProven, read_structure
 
 __all__ = ["CacheEntry", "Decoder", "DecoderError", "build_decoder", "greedy_reference"]
 

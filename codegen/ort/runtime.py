@@ -43,10 +43,7 @@ def generate(sess, input_ids: torch.Tensor, max_new_tokens: int,
     outputs = [o.name for o in sess.get_outputs()]
     present = [outputs.index(n.replace("past_", "present_", 1)) for n in names[1:]]
     batch = input_ids.shape[0]
-    past = [np.zeros((), dtype=np.int64) if i.name == "past_length" else
-            np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=_numpy_dtype(i.type))
-            for i in inputs[1:]]
-    past = [ort.OrtValue.ortvalue_from_numpy(p) for p in past]
+    past = [ort.OrtValue.ortvalue_from_numpy(p) for p in empty_past(inputs[1:], batch)]
     step = _numpy(input_ids).astype(np.int64)
     if padded and mask is None:
         mask = np.ones(step.shape, dtype=np.int64)
@@ -68,6 +65,13 @@ def generate(sess, input_ids: torch.Tensor, max_new_tokens: int,
         if padded:
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
     return torch.from_numpy(np.concatenate(out, axis=1))
+
+
+def empty_past(inputs, batch: int) -> list[np.ndarray]:
+    """Zero-length caches [B, Hkv, 0, D] for a session's past_* inputs (past_length: 0)."""
+    return [np.zeros((), dtype=np.int64) if i.name == "past_length" else
+            np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=_numpy_dtype(i.type))
+            for i in inputs]
 
 
 def _numpy_dtype(onnx_type: str):

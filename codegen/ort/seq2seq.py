@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rewriter.codegen.ort.runtime import _numpy, _numpy_dtype
+from rewriter.codegen.ort.runtime import _numpy, empty_past
 from rewriter.errors import RewriterError
 
 __all__ = ["Seq2SeqSession", "generate", "open_seq2seq"]
@@ -74,9 +74,7 @@ def generate(sess: Seq2SeqSession, inputs: torch.Tensor, max_new_tokens: int,
     outputs = [o.name for o in sess.decoder.get_outputs()]
     pasts = [i for i in step_inputs if i.name.startswith("past_")]
     batch = inputs.shape[0]
-    past = {i.name: np.zeros((), dtype=np.int64) if i.name == "past_length" else
-            np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=_numpy_dtype(i.type))
-            for i in pasts}
+    past = dict(zip([i.name for i in pasts], empty_past(pasts, batch), strict=True))
     token = np.full((batch, 1), start, dtype=np.int64)
     out = [token]
     for _ in range(max_new_tokens):

@@ -168,14 +168,23 @@ def cleanup(gm: GraphModule, recompile: bool = True) -> None:
         gm.recompile()
 
 
+def ancestors(node: Node) -> set[Node]:
+    """``node`` and every node it is computed from."""
+    return _closure(node, lambda n: n.all_input_nodes)
+
+
 def descendants(node: Node) -> set[Node]:
     """``node`` and every node computed from it."""
+    return _closure(node, lambda n: n.users)
+
+
+def _closure(node: Node, step: Callable[[Node], Any]) -> set[Node]:
     out, stack = set(), [node]
     while stack:
         n = stack.pop()
         if n not in out:
             out.add(n)
-            stack.extend(n.users)
+            stack.extend(step(n))
     return out
 
 
