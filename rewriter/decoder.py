@@ -56,7 +56,8 @@ from rewriter.ir.precision import EXACT_TOLERANCE, float64_module
 from rewriter.ir.topk import is_topk
 from rewriter.patterns.static_values import NotProven, read_structure
 
-__all__ = ["CacheEntry", "Decoder", "DecoderError", "build_decoder", "greedy_reference"]
+__all__ = ["CacheEntry", "Decoder", "DecoderError", "build_decoder", "greedy_reference",
+           "is_causal_lm"]
 
 aten = torch.ops.aten
 CACHED = torch.ops.rewriter.cached_attention.default
@@ -249,6 +250,18 @@ def build_decoder(program, *, check: bool = True, bounded: bool = True,
         if padded:
             decoder.verify_error = max(decoder.verify_error, check_padded(decoder))
     return decoder
+
+
+def is_causal_lm(program) -> bool:
+    """Whether ``program`` looks like a causal LM to build_decoder (causal self-attention sites,
+    token ids [B, S] its one dynamic tensor input): what ``export --kv-cache`` defaults on.
+    Cheap and structural; build_decoder's own checks still run on the build."""
+    try:
+        _check_sites(program)
+        _token_input(program.module.graph)
+    except DecoderError:
+        return False
+    return True
 
 
 def cached_step(program, graph: Graph, ids: Node, *, bounded: bool = True,

@@ -46,26 +46,29 @@ import os
 
 from rewriter.codegen.ort import runtime, seq2seq
 from rewriter.codegen.ort.runtime import run
-from rewriter.decoder import build_decoder
+from rewriter.decoder import build_decoder, is_causal_lm
 from rewriter.errors import RewriterError
 from rewriter.seq2seq import build_seq2seq, is_seq2seq
 
-__all__ = ["export_onnx", "generate", "run", "session"]
+__all__ = ["export_onnx", "generate", "resolve_kv_cache", "run", "session"]
 
 
 def export_onnx(program, path: str | os.PathLike, target: str = "onnx", *,
-                kv_cache: bool = False, padded: bool = False, **options) -> list[dict]:
+                kv_cache: bool | str = False, padded: bool = False, **options) -> list[dict]:
     """Export ``program`` to ``path`` (see rewriter.codegen.onnx.export.export_program);
     ``kv_cache``: as a decoder step with past/present key-value inputs and outputs (built and
     checked by rewriter.decoder.build_decoder, then export_decoder; an encoder-decoder by
     rewriter.seq2seq, its encoder written beside, ``<stem>.encoder.onnx``); ``padded`` (with
-    ``kv_cache``): one more input, attention_mask [B, P + S], for left-padded batches."""
+    ``kv_cache``): one more input, attention_mask [B, P + S], for left-padded batches.
+    ``kv_cache="auto"`` (the CLI's default): the decoder step for causal LMs, which serves
+    prefill with an empty past, so one graph does both (resolve_kv_cache)."""
     from rewriter.codegen.onnx.export import (  # imports onnx
         export_decoder,
         export_program,
         export_seq2seq,
     )
 
+    kv_cache = resolve_kv_cache(program, kv_cache)
     if padded and not kv_cache:
         raise RewriterError("padded=True is for decoders: export with kv_cache=True")
     if kv_cache and is_seq2seq(program):
@@ -76,6 +79,16 @@ def export_onnx(program, path: str | os.PathLike, target: str = "onnx", *,
     if kv_cache:
         return export_decoder(build_decoder(program, padded=padded), path, target, **options)
     return export_program(program, path, target, **options)
+
+
+def resolve_kv_cache(program, kv_cache: bool | str) -> bool:
+    """``kv_cache`` as a bool: "auto" is True for a causal LM (rewriter.decoder.is_causal_lm)
+    and False for encoders and encoder-decoders (their prefill graph)."""
+    if kv_cache == "auto":
+        return not is_seq2seq(program) and is_causal_lm(program)
+    if not isinstance(kv_cache, bool):
+        raise RewriterError(f"kv_cache={kv_cache!r}: give True, False or 'auto'")
+    return kv_cache
 
 
 def session(path: str | os.PathLike, *, threads: int | None = None,

@@ -258,6 +258,24 @@ def test_export_model(runner, tmp_path):
     assert "2 attention sites (2 x GroupQueryAttention)" in result.stdout
 
 
+def test_export_defaults_to_one_graph_for_causal_lms(runner, tmp_path):
+    """A causal LM exports as the decoder step (prefill is the step over an empty past);
+    --no-kv-cache gives the prefill-only graph."""
+    out = tmp_path / "m.onnx"
+    result = runner.invoke(app, ["export", BARE, "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["kv_cache"] and doc["path"] == str(out)
+    manifest = json.loads(Path(f"{out}.json").read_text())
+    assert "past_key_0" in manifest["inputs"] and "present_key_0" in manifest["outputs"]
+    out = tmp_path / "prefill.onnx"
+    result = runner.invoke(app, ["export", BARE, "--no-kv-cache", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert not json.loads(result.stdout)["kv_cache"]
+    assert not any(n.startswith("past_") for n in
+                   json.loads(Path(f"{out}.json").read_text())["inputs"])
+
+
 def test_export_decoder_from_saved_dir(runner, converted, tmp_path):
     """A converted checkpoint (GQA + sparse) exported as a decoder: ONNX Runtime generates
     what the saved program generates without a cache."""

@@ -1,4 +1,5 @@
-"""``rewriter export``: a model to ONNX, optionally as a decoder step with a KV cache."""
+"""``rewriter export``: a model to ONNX; a causal LM as one decoder step with a KV cache that
+serves prefill and decode (--no-kv-cache: the prefill-only graph)."""
 
 from __future__ import annotations
 
@@ -34,10 +35,12 @@ def export(
         "--target", metavar=ONNX_TARGET_METAVAR,
         help="onnx: standard ops (opset 23); ort: ONNX Runtime contrib ops "
         "(GroupQueryAttention, MultiHeadAttention) where they express the site.")] = "onnx",
-    kv_cache: Annotated[bool, typer.Option(
-        "--kv-cache", help="Export a decoder step: past_key_N/past_value_N inputs and "
-        "present_key_N/present_value_N outputs (causal LMs; checked against the model "
-        "before export).")] = False,
+    kv_cache: Annotated[bool | None, typer.Option(
+        "--kv-cache/--no-kv-cache", show_default=False,
+        help="A decoder step: past_key_N/past_value_N inputs and present_key_N/present_value_N "
+        "outputs, checked against the model before export; it serves prefill with an empty "
+        "past, so one graph does both (default: for causal LMs; --no-kv-cache for the "
+        "prefill-only graph).")] = None,
     external_data: Annotated[bool | None, typer.Option(
         "--external-data/--no-external-data", show_default=False,
         help="Weights in PATH.data beside the model (default: when they exceed 1.5 GiB; "
@@ -51,11 +54,13 @@ def export(
     """Export MODEL (a checkpoint, zoo name or saved program) to ONNX with dynamic batch and
     sequence axes."""
     from rewriter.codegen.onnx.export import data_path
+    from rewriter.onnx import resolve_kv_cache
 
     with user_errors(), Reporter(stderr_console()) as rep:
         check_choice(target, onnx_targets(), "--target")
         prog = open_model(model, seq_len, rep, trust_pickle=trust_pickle, dtype=dtype,
                           revision=revision)
+        kv_cache = resolve_kv_cache(prog, "auto" if kv_cache is None else kv_cache)
         what = "decoder with KV cache" if kv_cache else "model"
         with rep.step(f"exporting the {what} to {out} (target {target})"):
             rows = prog.export_onnx(out, target, kv_cache=kv_cache, external_data=external_data)

@@ -157,7 +157,7 @@ def _write(model: ir.Model, path: str | os.PathLike, target: str, plans, check: 
     it into place with its manifest (``<path>.json``): a reader sees the old files or the
     complete new ones, never a model without its data. The graph is made lean first
     (lean.lower: folded constants, fused normalizations)."""
-    lean.lower(model, target)
+    lowered = lean.lower(model, target)
     path = Path(path)
     if external_data is None:
         external_data = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
@@ -178,7 +178,8 @@ def _write(model: ir.Model, path: str | os.PathLike, target: str, plans, check: 
     rows = [p.to_dict() for p in plans]
     document = {"target": target, "opset": OPSET, "inputs": [i.name for i in model.graph.inputs],
                 "outputs": [o.name for o in model.graph.outputs], "sites": rows,
-                "external_data": data_path(path.name).name if external_data else None, **extra}
+                "external_data": data_path(path.name).name if external_data else None,
+                "lowered": {k: v for k, v in lowered.items() if v}, **extra}
     atomic_file(manifest_path(path), json.dumps(document, indent=2).encode())
     return document
 

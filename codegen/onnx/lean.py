@@ -7,7 +7,9 @@
    which would otherwise double the export's memory): the CastLike(constant, x) that the
    translations and torch.onnx emit become typed constants (the contrib attention ops' outputs
    are typed first, as onnx cannot infer them), and Reshape'd axes and other small constant
-   sub-graphs become constants the rules below can read;
+   sub-graphs become constants the rules below can read; then clean-up rules (CLEANUP_RULES,
+   mostly onnxscript's: Mul by 1, whole-axis Slices, no-op Casts, Transpose and Reshape
+   pairs and round trips) until nothing changes;
 2. normalizations, by pattern (onnxscript rewriter rules, any model):
    - RMSNorm, ``scale * (x / sqrt(mean(x^2, -1) + eps))`` in its exported forms (Pow or
      x*x; Sqrt then Reciprocal and Mul, or Div; a Cast to float around the normalization)
@@ -16,8 +18,13 @@
      ``com.microsoft.SkipSimplifiedLayerNormalization`` (its output 3 is the sum, which the
      residual stream reads on), and the same for ``LayerNormalization`` ->
      ``com.microsoft.SkipLayerNormalization``;
-3. packed projections (codegen/onnx/packing.py): MatMuls reading the same activation with
-   constant weights (q/k/v, gate/up) -> one MatMul on the concatenated weight and a Split.
+3. RoPE (codegen/onnx/rotary.py): rotate-half chains -> ``RotaryEmbedding`` (opset 23), on
+   the projection's [B, S, H*D] output, so that the head split's Transposes cancel against
+   the contrib ops' packing (the clean-up runs again);
+4. packed projections (codegen/onnx/packing.py): MatMuls reading the same activation with
+   constant weights (q/k/v, gate/up) -> one MatMul on the concatenated weight and a Split;
+5. target "ort" (codegen/onnx/gqa_fold.py): the rotary into GroupQueryAttention
+   (``do_rotary``) and the packed q/k/v as its packed-QKV input.
 
 Why RMSNormalization and not ONNX Runtime's ``SimplifiedLayerNormalization`` for a norm
 without a residual Add on "ort": ORT registers SimplifiedLayerNormalization in the *onnx*
@@ -34,11 +41,18 @@ import functools
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnx_ir.passes.common import (
+    CommonSubexpressionEliminationPass,
+    IdentityEliminationPass,
+    RemoveUnusedNodesPass,
+)
 from onnxscript.optimizer import fold_constants
 from onnxscript.rewriter import pattern
+from onnxscript.rewriter.rules import common as cleanup
 
+from rewriter.codegen.onnx.gqa_fold import fold_into_group_query
 from rewriter.codegen.onnx.packing import pack_projections
+from rewriter.codegen.onnx.rotary import lower_rope
 
 MSFT = "com.microsoft"
 _FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,
@@ -59,19 +73,88 @@ def lower(model: ir.Model, target: str) -> dict[str, int]:
     _type_attention_outputs(model)
     fold_constants(model, should_fold=_small_inputs_only, onnx_shape_inference=True,
                    output_size_limit=FOLD_OUTPUT_LIMIT)
-    counts = {"RMSNormalization": 0, "SkipSimplifiedLayerNormalization": 0,
-              "SkipLayerNormalization": 0}
+    counts = {"cleanup": _clean_up(model), "RMSNormalization": 0,
+              "SkipSimplifiedLayerNormalization": 0, "SkipLayerNormalization": 0}
     if ort_runs_rms_normalization():
         counts["RMSNormalization"] = RMS_NORM_RULES.apply_to_model(model)
     if target == "ort":
         counts["SkipSimplifiedLayerNormalization"] = SKIP_RMS_NORM_RULES.apply_to_model(model)
         counts["SkipLayerNormalization"] = SKIP_LAYER_NORM_RULES.apply_to_model(model)
+    counts["RotaryEmbedding"] = lower_rope(model)
+    if counts["RotaryEmbedding"]:  # one cos/sin half-table per model instead of per tensor;
+        CommonSubexpressionEliminationPass()(model)  # the head split's Transpose now meets
+        counts["cleanup"] += _clean_up(model)  # the packing one
     counts["PackedMatMul"] = pack_projections(model)
+    if target == "ort":
+        counts.update(fold_into_group_query(model))
     if any(counts.values()):
+        # the rules leave Identity nodes and one cos/sin half-table per rotated tensor
+        IdentityEliminationPass()(model)
+        CommonSubexpressionEliminationPass()(model)
         RemoveUnusedNodesPass()(model)
     if counts["SkipSimplifiedLayerNormalization"] or counts["SkipLayerNormalization"]:
         model.opset_imports.setdefault(MSFT, 1)
     return counts
+
+
+class SameShapeReshape(pattern.RewriteRuleClassBase):
+    """``Reshape(x, shape)`` whose output shape equals x's, dimension by dimension (static
+    sizes or the same symbolic names, which torch.export proved equal) -> x: the no-op views
+    between the head split and merge hide Transpose pairs from the clean-up."""
+
+    def pattern(self, op, x, shape):
+        return op.Reshape(x, shape, _allow_other_attributes=True, _outputs=["y"])
+
+    def check(self, context, x, y, **_):
+        result = pattern.MatchResult()
+        if not (_same_dims(x.shape, y.shape) and all(
+                isinstance(d, int) or d.value is not None for d in x.shape)):
+            return result.fail("the output shape is not known to equal the input's", y)
+        return result
+
+    def rewrite(self, op, x, **_):
+        return op.Identity(x)
+
+
+class ReshapeRoundTrip(pattern.RewriteRuleClassBase):
+    """``Reshape(Reshape(x, a), b)`` back to x's own shape (known dims, as SameShapeReshape)
+    -> x: the head split [B, S, H, D] and the contrib ops' packing [B, S, H*D] once the
+    Transposes between them are gone."""
+
+    def pattern(self, op, x, a, b):
+        return op.Reshape(op.Reshape(x, a, _allow_other_attributes=True), b,
+                          _allow_other_attributes=True, _outputs=["y"])
+
+    def check(self, context, x, y, **_):
+        return SameShapeReshape.check(self, context, x, y)
+
+    def rewrite(self, op, x, **_):
+        return op.Identity(x)
+
+
+# onnxscript's general clean-up rules that our exports need: the rope scaling Mul by 1.0 would
+# hide the RoPE chains from the rotary rules; whole-axis Slices, Transpose and Reshape pairs and
+# no-op Casts/Expands cost a node each in every layer
+CLEANUP_RULES = pattern.RewriteRuleSet([
+    cleanup.mul_by_1_rule, cleanup.div_by_1_rule, cleanup.add_0_rule, cleanup.sub_0_rule,
+    cleanup.collapse_slice_rule, cleanup.collapse_slice2_rule, cleanup.no_op_cast_rule,
+    cleanup.cast_cast_rule, cleanup.no_op_expand_rule, cleanup.no_op_transpose_rule,
+    cleanup.transpose_transpose_rule, cleanup.reshape_reshape_rule,
+    cleanup.unsqueeze_unsqueeze_rule, SameShapeReshape.rule("SameShapeReshape"),
+    ReshapeRoundTrip.rule("ReshapeRoundTrip", remove_nodes=False)])
+
+
+def _clean_up(model: ir.Model, rounds: int = 4) -> int:
+    """CLEANUP_RULES until nothing changes (one sweep can expose another pair; the Identity
+    nodes the rules leave would hide the next pair)."""
+    total = 0
+    for _ in range(rounds):
+        count = CLEANUP_RULES.apply_to_model(model)
+        IdentityEliminationPass()(model)
+        total += count
+        if not count:
+            break
+    return total
 
 
 # contrib attention ops: every output has the query's type (onnx has no schema to infer it)

@@ -438,18 +438,26 @@ def group_query(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap
     """com.microsoft.GroupQueryAttention on a causal self-attention (Sq == Sk, no past): its
     causal mask equals the site's."""
     del is_causal  # GroupQueryAttention is always causal; plan() checked the site is
-    y, _, _ = _group_query(q, k, v, None, None, dim(k, 2), attn_mask, scale=scale, spec=spec,
+    y, _, _ = _group_query(q, k, v, None, None, None, attn_mask, scale=scale, spec=spec,
                            softcap=softcap)
     return y
 
 
 def _group_query(q, k, v, past_key, past_value, total, attn_mask, *, scale, spec: MaskSpec,
                  softcap):
-    """GroupQueryAttention over ``total`` (scalar int64) keys, past included: causal
-    bottom-right, seqlens_k = total - 1 for every row (no padding). The model's mask and
-    sparsity other than a plain window go in attention_bias (NaN rows, all keys masked, become
-    zeros after). Returns (y [B, Hq, S, Dv], present_key, present_value)."""
+    """GroupQueryAttention over ``total`` (scalar int64; None: P + S, read off the packed
+    inputs) keys, past included: causal bottom-right, seqlens_k = total - 1 for every row (no
+    padding). The model's mask and sparsity other than a plain window go in attention_bias (NaN
+    rows, all keys masked, become zeros after). Returns (y [B, Hq, S, Dv], present_key,
+    present_value)."""
     hq, hkv = q.shape[1], k.shape[1]
+    # sizes are read off the packed [B, S, H*D] inputs, so that the head split's Transpose has
+    # one reader and cancels against the packing Transpose (lean.CLEANUP_RULES)
+    packed_q, packed_k, packed_v = _pack(q), _pack(k), _pack(v)
+    if total is None:
+        total = op.Squeeze(op.Shape(packed_k, start=1, end=2))
+        if past_key is not None:
+            total = op.Add(dim(past_key, 2), total)
     window = spec.window if _plain_window(spec) else -1
     keys = k if past_key is None or not isinstance(spec, TopKSpec) else \
         op.Concat(past_key, k, axis=2)
@@ -457,9 +465,9 @@ def _group_query(q, k, v, past_key, past_value, total, attn_mask, *, scale, spec
     add = None if attn_mask is None and keep is None else bias(attn_mask, keep, q)
     total32 = op.Cast(total, to=ir.DataType.INT32)
     seqlens = op.Expand(op.Sub(total32, op.Constant(value=ir.tensor(np.int32(1)))),
-                        op.Shape(q, start=0, end=1))
+                        op.Shape(packed_q, start=0, end=1))
     y, present_key, present_value = contrib.GroupQueryAttention(
-        _pack(q), _pack(k), _pack(v), past_key, past_value, seqlens, total32, None, None, None,
+        packed_q, packed_k, packed_v, past_key, past_value, seqlens, total32, None, None, None,
         add, num_heads=hq, kv_num_heads=hkv, scale=scale, softcap=softcap,
         local_window_size=window)
     y = _unpack(y, hq)
@@ -551,7 +559,7 @@ def decomposed_cached(q, k, v, past_key, past_value, *, scale, spec: MaskSpec, s
 
 def group_query_cached(q, k, v, past_key, past_value, *, scale, spec: MaskSpec, softcap):
     """com.microsoft.GroupQueryAttention with past_key/past_value (BNSH) over P + S keys."""
-    return _group_query(q, k, v, past_key, past_value, _total_length(k, past_key), None,
+    return _group_query(q, k, v, past_key, past_value, None, None,
                         scale=scale, spec=spec, softcap=softcap)
 
 

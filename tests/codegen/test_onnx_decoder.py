@@ -347,3 +347,18 @@ def test_io_binding_generation_equals_numpy_feeds(llama, tmp_path, spec):
     want = numpy_feed_generate(sess, prompt, 12)
     assert want.shape == (2, 16)
     assert torch.equal(rwonnx.generate(sess, prompt, 12), want)
+
+
+def test_kv_cache_auto_resolves_by_model():
+    """export_onnx(kv_cache="auto"), the CLI's default: the decoder step for causal LMs, the
+    prefill graph for encoders and encoder-decoders; other values are a one-line error."""
+    from rewriter.errors import RewriterError
+    from rewriter.onnx import resolve_kv_cache
+
+    lm = rw.capture(zoo.get("llama-sdpa").build(), (zoo._ids(2, 9),), {"use_cache": False})
+    args, kwargs = zoo.get("bert-sdpa").inputs(2, 8)
+    encoder = rw.capture(zoo.get("bert-sdpa").build(), args, kwargs)
+    assert resolve_kv_cache(lm, "auto") and not resolve_kv_cache(encoder, "auto")
+    assert resolve_kv_cache(encoder, False) is False and resolve_kv_cache(lm, True) is True
+    with pytest.raises(RewriterError, match="True, False or 'auto'"):
+        resolve_kv_cache(lm, "yes")
