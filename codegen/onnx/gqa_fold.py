@@ -34,11 +34,6 @@ def _absent(node: ir.Node, *indices: int) -> bool:
     return all(i >= len(node.inputs) or node.inputs[i] is None for i in indices)
 
 
-def _same_dims(a: ir.Shape | None, b: ir.Shape | None) -> bool:
-    return a is not None and b is not None and len(a) == len(b) and all(
-        str(p) == str(q) for p, q in zip(a, b, strict=True))
-
-
 def shared_table(table: ir.Value) -> ir.Value | None:
     """The [1, S, R/2] table that ``table`` (a RotaryEmbedding cos/sin input [B, S, R/2])
     broadcasts over the batch, or None when rows may differ."""

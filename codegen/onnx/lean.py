@@ -88,7 +88,7 @@ def lower(model: ir.Model, target: str) -> dict[str, int]:
     if target == "ort":
         counts.update(fold_into_group_query(model))
     if any(counts.values()):
-        # the rules leave Identity nodes and one cos/sin half-table per rotated tensor
+        # the rules leave Identity nodes and one small Constant per match
         IdentityEliminationPass()(model)
         CommonSubexpressionEliminationPass()(model)
         RemoveUnusedNodesPass()(model)
@@ -106,14 +106,19 @@ class SameShapeReshape(pattern.RewriteRuleClassBase):
         return op.Reshape(x, shape, _allow_other_attributes=True, _outputs=["y"])
 
     def check(self, context, x, y, **_):
-        result = pattern.MatchResult()
-        if not (_same_dims(x.shape, y.shape) and all(
-                isinstance(d, int) or d.value is not None for d in x.shape)):
-            return result.fail("the output shape is not known to equal the input's", y)
-        return result
+        return _known_same_shape(x, y)
 
     def rewrite(self, op, x, **_):
         return op.Identity(x)
+
+
+def _known_same_shape(x: ir.Value, y: ir.Value) -> pattern.MatchResult:
+    """y's shape equals x's, every dimension static or a named symbol."""
+    result = pattern.MatchResult()
+    if not (_same_dims(x.shape, y.shape) and all(
+            isinstance(d, int) or d.value is not None for d in x.shape)):
+        return result.fail("the output shape is not known to equal the input's", y)
+    return result
 
 
 class ReshapeRoundTrip(pattern.RewriteRuleClassBase):
@@ -126,7 +131,7 @@ class ReshapeRoundTrip(pattern.RewriteRuleClassBase):
                           _allow_other_attributes=True, _outputs=["y"])
 
     def check(self, context, x, y, **_):
-        return SameShapeReshape.check(self, context, x, y)
+        return _known_same_shape(x, y)
 
     def rewrite(self, op, x, **_):
         return op.Identity(x)
