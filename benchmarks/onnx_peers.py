@@ -126,14 +126,24 @@ print(json.dumps({"tokens": tokens, "ms": round(1e3 * statistics.median(times), 
 """
 
 
+# Seconds of idle before each timed call. The runtimes' worker threads spin for a while after a
+# run (ONNX Runtime's intra-op pool, torch's OpenMP): interleaved back to back, a candidate ran
+# on cores the previous one was still spinning on. Measured here on a decode step at 512 past
+# (2 threads, 2 cores): every ORT candidate took about 83 ms back to back and 40-45 ms alone or
+# with this pause, and the candidate after the heaviest spinner lost the most.
+SETTLE_S = 0.2
+
+
 def median_ms(fns: dict, repeats: int) -> dict[str, float]:
     """Median milliseconds of each callable, after one warm-up each; the candidates run
-    interleaved (one repeat of each in turn) so machine noise hits them alike."""
+    interleaved (one repeat of each in turn) so machine noise hits them alike, each after
+    SETTLE_S of idle so that none runs on the previous one's spinning threads."""
     for fn in fns.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

@@ -6,7 +6,8 @@ manifest of which ONNX op each site became (also written next to the file as JSO
 input_ids [batch, sequence] and past_key_<n>/past_value_<n> [batch, Hkv, past_sequence, D],
 outputs logits and present_key_<n>/present_value_<n> [batch, Hkv, past_sequence + sequence, D].
 A bounded decoder (sink + window caches) also has the input past_length and the output
-present_length (int64 scalars), and its bounded presents keep at most ``bound`` positions.
+present_length (int64 scalars), and its bounded presents keep at most ``bound`` positions
+(their past axis is ``past_sequence_<bound>``).
 
 Weights over `EXTERNAL_DATA_THRESHOLD` (and any, on request) go to one external-data file
 beside the model, ``<name>.onnx.data`` (ONNX's 2 GB protobuf limit): written tensor by tensor
@@ -86,7 +87,12 @@ def export_decoder(decoder, path: str | os.PathLike, target: str = "onnx", *,
     batch = None if decoder.static_batch else Dim("batch")
     seq, past = Dim("sequence"), Dim("past_sequence")
     dims = {"batch": batch, "encoder_sequence": Dim("encoder_sequence")}
-    shapes = ({0: batch, 1: seq}, *({0: batch, 2: past} for _ in decoder.cache),
+    # a bounded cache holds min(P, bound) entries, not P: an axis per bound, so that the
+    # file never claims two caches of different lengths share one (codegen/onnx/sizes.py
+    # reads equal names as equal sizes)
+    bounded = {e.bound: Dim(f"past_sequence_{e.bound}") for e in decoder.cache if e.bound}
+    shapes = ({0: batch, 1: seq},
+              *({0: batch, 2: bounded[e.bound] if e.bound else past} for e in decoder.cache),
               *([{}] if decoder.bounded else []),  # past_length: a scalar, no dynamic axes
               # attention_mask [B, P + S] of a padded decoder: only its own ops read the
               # length (rewriter.ir.padding), so it gets an axis of its own

@@ -88,8 +88,10 @@ class RotaryIntoGroupQueryAttention(pattern.RewriteRuleClassBase):
     def rewrite(self, op, q, k, v, out, **_):
         attn = out.producer()
         past_key, past_value, seqlens, total = attn.inputs[3:7]
-        # rows 0..P-1 are never read: P = T - S
-        past = op.Sub(op.Cast(total, to=ir.DataType.INT64), op.Shape(q, start=1, end=2))
+        # rows 0..P-1 are never read: P = T - S, S read off the table (which every layer
+        # shares, so that CSE leaves one pair of caches per model, not one per layer)
+        past = op.Sub(op.Cast(total, to=ir.DataType.INT64),
+                      op.Shape(self._tables[0], start=1, end=2))
         pads = op.Concat(op.Reshape(past, op.Constant(value_ints=[1])),
                          op.Constant(value_ints=[0, 0, 0]), axis=0)
         cos_cache, sin_cache = (
@@ -170,13 +172,36 @@ PACKED_RULES = pattern.RewriteRuleSet([
 SPLIT_SHAPE_RULES = pattern.RewriteRuleSet([ShapeOfSplitPart.rule("ShapeOfSplitPart")])
 
 
-def fold_into_group_query(model: ir.Model) -> dict[str, int]:
-    """Both folds on ``model`` (in place), rotary first (the packed fold reads the Split's
-    outputs directly); returns how many times each fired."""
+def fold_rotary(model: ir.Model) -> int:
+    """The rotary fold on ``model`` (in place); returns how many sites took it."""
     rotary = ROTARY_RULES.apply_to_model(model)
     if rotary:  # the sizes read off the rotations, which would keep them alive
         SHAPE_RULES.apply_to_model(model)
+    return rotary
+
+
+def group_query_qkv(matmuls: list[ir.Node]) -> list[ir.Node] | None:
+    """For packing.pack_projections: the three projections of ``matmuls`` that are the
+    query, key and value of one GroupQueryAttention, in that order, or None. Only these
+    pack: the op takes them packed, so no Split is left (elsewhere the Split's copies cost
+    more than the one MatMul saves: measurements in lean.py)."""
+    slots: dict[ir.Node, dict[int, ir.Node]] = {}
+    for matmul in matmuls:
+        uses = list(matmul.outputs[0].uses())
+        if len(uses) != 1 or uses[0].node.op_type != "GroupQueryAttention" \
+                or uses[0].idx > 2:
+            continue
+        slots.setdefault(uses[0].node, {})[uses[0].idx] = matmul
+    for found in slots.values():
+        if len(found) == 3:
+            return [found[i] for i in range(3)]
+    return None
+
+
+def fold_packed_qkv(model: ir.Model) -> int:
+    """The packed-QKV fold on ``model`` (in place, after packing.pack_projections); returns
+    how many sites took it."""
     packed = PACKED_RULES.apply_to_model(model)
     if packed:
         SPLIT_SHAPE_RULES.apply_to_model(model)
-    return {"GroupQueryAttention.do_rotary": rotary, "GroupQueryAttention.packed_qkv": packed}
+    return packed

@@ -2,7 +2,10 @@
 
 ``lower(model, target)`` runs in place, after the export and before the write:
 
-1. constant folding (onnxscript's folder, with onnx's shape inference; nodes that read a
+1. size reads move to the graph inputs that have the same symbolic size
+   (codegen/onnx/sizes.py), so that CSE leaves one seqlens_k, total_sequence_length and
+   cos/sin cache per model instead of one per layer;
+2. constant folding (onnxscript's folder, with onnx's shape inference; nodes that read a
    weight-sized constant, such as the Transpose of a MatMul weight, are left to ONNX Runtime,
    which would otherwise double the export's memory): the CastLike(constant, x) that the
    translations and torch.onnx emit become typed constants (the contrib attention ops' outputs
@@ -10,7 +13,7 @@
    sub-graphs become constants the rules below can read; then clean-up rules (CLEANUP_RULES,
    mostly onnxscript's: Mul by 1, whole-axis Slices, no-op Casts, Transpose and Reshape
    pairs and round trips) until nothing changes;
-2. normalizations, by pattern (onnxscript rewriter rules, any model):
+3. normalizations, by pattern (onnxscript rewriter rules, any model):
    - RMSNorm, ``scale * (x / sqrt(mean(x^2, -1) + eps))`` in its exported forms (Pow or
      x*x; Sqrt then Reciprocal and Mul, or Div; a Cast to float around the normalization)
      -> ``RMSNormalization`` (opset 23), both targets;
@@ -18,13 +21,14 @@
      ``com.microsoft.SkipSimplifiedLayerNormalization`` (its output 3 is the sum, which the
      residual stream reads on), and the same for ``LayerNormalization`` ->
      ``com.microsoft.SkipLayerNormalization``;
-3. RoPE (codegen/onnx/rotary.py): rotate-half chains -> ``RotaryEmbedding`` (opset 23), on
+4. RoPE (codegen/onnx/rotary.py): rotate-half chains -> ``RotaryEmbedding`` (opset 23), on
    the projection's [B, S, H*D] output, so that the head split's Transposes cancel against
    the contrib ops' packing (the clean-up runs again);
-4. packed projections (codegen/onnx/packing.py): MatMuls reading the same activation with
-   constant weights (q/k/v, gate/up) -> one MatMul on the concatenated weight and a Split;
 5. target "ort" (codegen/onnx/gqa_fold.py): the rotary into GroupQueryAttention
-   (``do_rotary``) and the packed q/k/v as its packed-QKV input.
+   (``do_rotary``); then q/k/v that one GroupQueryAttention reads become one packed
+   projection (codegen/onnx/packing.py) that the op takes as its packed-QKV input. Nothing
+   else is packed: where a Split would cut the packed output apart, it cost more than the
+   one MatMul saved (PACKING).
 
 Why RMSNormalization and not ONNX Runtime's ``SimplifiedLayerNormalization`` for a norm
 without a residual Add on "ort": ORT registers SimplifiedLayerNormalization in the *onnx*
@@ -50,9 +54,10 @@ from onnxscript.optimizer import fold_constants
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules import common as cleanup
 
-from rewriter.codegen.onnx.gqa_fold import fold_into_group_query
+from rewriter.codegen.onnx.gqa_fold import fold_packed_qkv, fold_rotary, group_query_qkv
 from rewriter.codegen.onnx.packing import pack_projections
 from rewriter.codegen.onnx.rotary import lower_rope
+from rewriter.codegen.onnx.sizes import sizes_from_graph_inputs
 
 MSFT = "com.microsoft"
 _FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,
@@ -66,14 +71,26 @@ FOLD_INPUT_LIMIT = 8192  # elements: constants up to this size are folded (onnxs
 FOLD_OUTPUT_LIMIT = 64
 
 
+# Which same-input projections each target packs (packing.pack_projections' ``choose``; None:
+# none). "ort": only the q/k/v that GroupQueryAttention takes packed. A packed projection that
+# a Split cuts back apart lost in every measurement here (SmolLM2-135M decoder, 2 threads):
+# gate/up packed on "ort", prefill 2048 7343 ms vs 6959 ms without (ORT's Split copies
+# [S, 2 x 1536] a layer), and at a decode step the 30 Splits took 0.78 ms of 51 in ORT's
+# profile while the MatMuls took the same time packed or not; q/k/v and gate/up packed on
+# "onnx" (whose Attention op takes q/k/v apart), prefill 2048 10016 ms vs 8889 ms, decode
+# after 512 42.7 vs 42.8 ms.
+PACKING = {"onnx": None, "ort": group_query_qkv}
+
+
 def lower(model: ir.Model, target: str) -> dict[str, int]:
     """Fold constants and fuse normalizations in ``model`` (in place) for ``target``
     ("onnx" or "ort"); returns how many times each rule fired (an RMSNormalization that a
     Skip rule then took counts under both)."""
     _type_attention_outputs(model)
+    moved = sizes_from_graph_inputs(model)
     fold_constants(model, should_fold=_small_inputs_only, onnx_shape_inference=True,
                    output_size_limit=FOLD_OUTPUT_LIMIT)
-    counts = {"cleanup": _clean_up(model), "RMSNormalization": 0,
+    counts = {"SizeFromGraphInput": moved, "cleanup": _clean_up(model), "RMSNormalization": 0,
               "SkipSimplifiedLayerNormalization": 0, "SkipLayerNormalization": 0}
     if ort_runs_rms_normalization():
         counts["RMSNormalization"] = RMS_NORM_RULES.apply_to_model(model)
@@ -84,9 +101,11 @@ def lower(model: ir.Model, target: str) -> dict[str, int]:
     if counts["RotaryEmbedding"]:  # one cos/sin half-table per model instead of per tensor;
         CommonSubexpressionEliminationPass()(model)  # the head split's Transpose now meets
         counts["cleanup"] += _clean_up(model)  # the packing one
-    counts["PackedMatMul"] = pack_projections(model)
     if target == "ort":
-        counts.update(fold_into_group_query(model))
+        counts["GroupQueryAttention.do_rotary"] = fold_rotary(model)
+    counts["PackedMatMul"] = pack_projections(model, PACKING[target]) if PACKING[target] else 0
+    if target == "ort":
+        counts["GroupQueryAttention.packed_qkv"] = fold_packed_qkv(model)
     if any(counts.values()):
         # the rules leave Identity nodes and one small Constant per match
         IdentityEliminationPass()(model)
@@ -94,7 +113,20 @@ def lower(model: ir.Model, target: str) -> dict[str, int]:
         RemoveUnusedNodesPass()(model)
     if counts["SkipSimplifiedLayerNormalization"] or counts["SkipLayerNormalization"]:
         model.opset_imports.setdefault(MSFT, 1)
+        _drop_unread_outputs(model, {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"})
     return counts
+
+
+def _drop_unread_outputs(model: ir.Model, op_types: set[str]) -> None:
+    """Unname the optional outputs nothing reads of ``op_types`` nodes (ONNX: an empty name
+    is an absent output), so that ONNX Runtime neither allocates nor writes them: the Skip
+    norms' mean and inverse deviation, and the last norm's unread residual sum."""
+    outputs = set(model.graph.outputs)
+    for node in model.graph:
+        if node.op_type in op_types:
+            for value in node.outputs[1:]:
+                if not value.uses() and value not in outputs:
+                    value.name = ""
 
 
 class SameShapeReshape(pattern.RewriteRuleClassBase):

@@ -3,9 +3,11 @@
 q/k/v (and gate/up, and a cross-attention's k/v) are exported as separate ``MatMul(x, W_i)``
 with ``W_i`` [K, N_i] initializers. One ``MatMul(x, concat(W_i, axis=1))`` followed by a
 ``Split`` on the last axis computes the same values with one pass over ``x`` and one kernel
-launch instead of several: at decode time (one token, memory-bound) the separate GEMVs each
-pay their own overhead. By pattern, not per model: any group of two or more such MatMuls on the
-same input value, with weights of one dtype and inner size.
+launch instead of several. By pattern, not per model: any group of two or more such MatMuls on the
+same input value, with weights of one dtype and inner size. Which groups an export packs is
+the lowering's choice (``choose``; lean.PACKING): on ONNX Runtime's CPU kernels the Split that
+cuts a packed output apart again cost more than the MatMuls saved, so exports pack only the
+q/k/v that GroupQueryAttention takes packed.
 
 A weight is an initializer [K, N_i] or the Transpose of an [N_i, K] one (the exporter's form
 for real models: the fold leaves weight-sized transposes to ONNX Runtime). The packed weight is
@@ -18,13 +20,18 @@ Shape glossary: x [.., K]; W_i [K, N_i]; packed [K, sum N_i].
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 
+# Given the MatMuls of one group, the ones to pack in the order of the Split's outputs, or None
+Choose = Callable[[list[ir.Node]], "list[ir.Node] | None"]
 
-def pack_projections(model: ir.Model) -> int:
-    """Pack every group of same-input constant-weight MatMuls in ``model``'s main graph (in
-    place); returns how many groups were packed."""
+
+def pack_projections(model: ir.Model, choose: Choose | None = None) -> int:
+    """Pack groups of same-input constant-weight MatMuls in ``model``'s main graph (in place):
+    every group, or those ``choose`` picks (and orders); returns how many were packed."""
     graph = model.graph
     groups: dict[ir.Value, list[tuple[ir.Node, _Weight]]] = {}
     for node in graph:
@@ -37,6 +44,10 @@ def pack_projections(model: ir.Model) -> int:
         first = members[0][1]
         members = [(n, w) for n, w in members
                    if w.dtype == first.dtype and w.inner == first.inner]
+        if choose is not None and len(members) >= 2:
+            weights = dict(members)
+            chosen = choose([n for n, _ in members]) or []
+            members = [(n, weights[n]) for n in chosen]
         if len(members) < 2:
             continue
         _pack(graph, x, members, packed, order)

@@ -426,7 +426,24 @@ def decomposed(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap,
 
 def _pack(x):
     """[B, H, S, D] -> [B, S, H*D], the contrib ops' layout."""
-    return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), const([0, 0, -1]))
+    packed = op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), const([0, 0, -1]))
+    return _packed_shape(packed, x, _width(None if x.shape is None else x.shape[1], x))
+
+
+def _packed_shape(y, x, width: int | None):
+    """``y``, typed [B, S, width] with the B and S of ``x`` [B, H, S, D] where known: the
+    exporter's symbolic sizes (named after the graph inputs' axes once it is done), which
+    let size reads move to the graph inputs (codegen/onnx/sizes.py) and the Reshape pairs
+    around the contrib ops cancel (lean.SameShapeReshape); onnx cannot infer these."""
+    if x.shape is not None and len(x.shape) == 4 and width is not None:
+        y.shape = ir.Shape([x.shape[0], x.shape[2], width])
+    return y
+
+
+def _width(heads, v) -> int | None:
+    """H*Dv, the width of an attention output over ``v`` [B, Hkv, S, Dv], where known."""
+    size = None if v.shape is None else v.shape[3]
+    return heads * size if isinstance(heads, int) and isinstance(size, int) else None
 
 
 def _unpack(y, heads: int):
@@ -470,7 +487,7 @@ def _group_query(q, k, v, past_key, past_value, total, attn_mask, *, scale, spec
         packed_q, packed_k, packed_v, past_key, past_value, seqlens, total32, None, None, None,
         add, num_heads=hq, kv_num_heads=hkv, scale=scale, softcap=softcap,
         local_window_size=window)
-    y = _unpack(y, hq)
+    y = _unpack(_packed_shape(y, q, _width(hq, v)), hq)
     return (y if add is None else zero_nan(y)), present_key, present_value
 
 
@@ -485,7 +502,7 @@ def multi_head(q, k, v, attn_mask, *, scale, is_causal, spec: MaskSpec, softcap)
     add = None if attn_mask is None and keep is None else bias(attn_mask, keep, q)
     y = contrib.MultiHeadAttention(_pack(q), k, v, None, None, add, num_heads=q.shape[1],
                                    scale=scale)
-    y = _unpack(y, q.shape[1])
+    y = _unpack(_packed_shape(y, q, _width(q.shape[1], v)), q.shape[1])
     return y if add is None else zero_nan(y)
 
 

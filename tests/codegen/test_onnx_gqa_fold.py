@@ -83,6 +83,10 @@ def test_rotary_and_packed_qkv_folded(wide, tmp_path):
         assert node.input[7] and node.input[8]  # cos_cache, sin_cache
         assert producers[node.input[0]].op_type == "MatMul"  # q/k/v packed
         assert node.input[1] == node.input[2] == ""
+    # the sites share their sizes (codegen/onnx/sizes.py): one cos/sin cache pair and one
+    # seqlens_k for the model, not one per layer; gate/up stay apart (no Split)
+    assert ops["Pad"] == 2 and "Split" not in ops, ops
+    assert len({n.input[5] for n in attention_nodes(path)}) == 1
     sess = rwonnx.session(path)
     dec = wide.decoder()
     step_equals(sess, dec, zoo._ids(1, 7, seed=3), 4)  # batch 1: ORT takes S > 1 over a
