@@ -84,7 +84,7 @@ def export_decoder(decoder, path: str | os.PathLike, target: str = "onnx", *,
         raise ExportError(f"unknown ONNX target {target!r} (allowed: {', '.join(TARGETS)})")
     plans = plan(decoder.module, decoder.sites_by_node, target, decompose)
     # batch stays fixed where the capture pinned it (torch.export specializes a batch of 1)
-    batch = None if decoder.static_batch else Dim("batch")
+    batch = Dim.STATIC if decoder.static_batch else Dim("batch")
     seq, past = Dim("sequence"), Dim("past_sequence")
     dims = {"batch": batch, "encoder_sequence": Dim("encoder_sequence")}
     # a bounded cache holds min(P, bound) entries, not P: an axis per bound, so that the

@@ -8,6 +8,8 @@ normalization (other axis, no epsilon, another power, a non-constant epsilon) st
 from __future__ import annotations
 
 import collections
+import contextlib
+import logging
 
 import numpy as np
 import onnx
@@ -62,6 +64,36 @@ def test_zoo_session_logs_no_warnings(captured, tmp_path, capfd, target, kv_cach
     out, err = capfd.readouterr()
     assert not ort_messages(out + err), ort_messages(out + err)
     assert "CastLike" not in op_counts(tmp_path / "m.onnx")
+
+
+@contextlib.contextmanager
+def torch_warnings():
+    """The WARNING records torch's loggers emit meanwhile: torch's logging gives some of its
+    loggers their own handlers and propagate=False, so one handler on each is needed."""
+    said: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = said.append
+    loggers = [logging.getLogger(name) for name in ["torch", *logging.root.manager.loggerDict]
+               if name == "torch" or name.startswith("torch.")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield said
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+def test_static_batch_decoder_exports_without_warnings(tmp_path):
+    """A capture with one row pins the batch (torch.export specializes 1): its decoder's
+    batch axis is declared static, not None, which torch.export warns is deprecated."""
+    entry = zoo.get("llama-sdpa")
+    prog = rw.capture(entry.build(), (zoo._ids(1, 9),), {"use_cache": False})
+    assert prog.decoder().static_batch == 1
+    with torch_warnings() as said:
+        rwonnx.export_onnx(prog, tmp_path / "d.onnx", "ort", kv_cache=True)
+    assert not [r for r in said if "dynamic shape" in r.getMessage()], \
+        [r.getMessage() for r in said]
 
 
 @pytest.mark.slow
