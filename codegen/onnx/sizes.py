@@ -7,8 +7,9 @@ total_sequence_length and cos/sin cache Pads once per layer (about 20 small node
 SmolLM2). Once every read names the same graph input, CSE leaves one of each.
 
 Why it is exact: the exporter names a symbolic axis after the graph input axis it was proved
-equal to (torch.export's shape environment: all past_key/past_value inputs share the one
-``past_sequence`` Dim, every packed q/k/v has input_ids' ``batch`` and ``sequence``). Equal
+equal to (torch.export's shape environment: the unbounded past_key/past_value inputs share the
+one ``past_sequence`` Dim, a bounded cache has ``past_sequence_<bound>`` (codegen/onnx/export.py),
+every packed q/k/v has input_ids' ``batch`` and ``sequence``). Equal
 names are equal sizes; a size the exporter could only write as an expression ("past_sequence +
 sequence") or did not record is left as it is.
 """
