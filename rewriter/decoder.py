@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.fx import CodeGen, Graph, GraphModule, Node
@@ -54,6 +54,7 @@ from rewriter.ir.ops import attention as _attention_op  # noqa: F401  (registers
 from rewriter.ir.padding import check_attention_mask
 from rewriter.ir.precision import EXACT_TOLERANCE, float64_module
 from rewriter.ir.topk import is_topk
+from rewriter.passes.last_position import LastPositionError, keep_last_position
 from rewriter.patterns.static_values import NotProven, read_structure
 
 __all__ = ["CacheEntry", "Decoder", "DecoderError", "build_decoder", "greedy_reference",
@@ -113,6 +114,7 @@ class Decoder:
     padded: bool = False  # takes attention_mask [B, P + S] (left-padded batches)
     # inputs computed once per sequence, after the cache ones (an encoder's cross K/V)
     context: tuple[str, ...] = ()
+    last_logits: bool = False  # logits [B, 1, V] for the last position only (last_logits_only)
     _padded_decoder: Decoder | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -173,7 +175,8 @@ class Decoder:
     def step(self, input_ids: torch.Tensor, past: list[torch.Tensor],
              attention_mask: torch.Tensor | None = None, context: Sequence[torch.Tensor] = ()
              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(logits [B, S, V], present cache) for S new tokens after ``past``;
+        """(logits [B, S, V], or [B, 1, V] with ``last_logits``, present cache) for S new
+        tokens after ``past``;
         ``attention_mask`` [B, P + S] for a padded decoder (None: all ones); ``context``: the
         tensors named by ``self.context`` (rewriter.seq2seq: the encoder's outputs)."""
         if len(context) != len(self.context):
@@ -191,6 +194,32 @@ class Decoder:
         with torch.no_grad():
             logits, *present = self.module(input_ids, *past, *extra, *context)
         return logits, present
+
+    def last_logits_only(self, tolerance: float = EXACT_TOLERANCE) -> Decoder:
+        """This decoder with logits for the last position only, [B, 1, V]: all that greedy
+        and sampled generation read. The LM head then runs on one row instead of S (about a
+        fifth of a small model's prefill FLOPs; rewriter.passes.last_position). Checked
+        against this decoder's last row (float64, ``tolerance``); DecoderError when the
+        logits are not a position-wise function of one final projection."""
+        if self.last_logits:
+            return self
+        module = GraphModule(self.module, copy_graph(self.module), class_name="Decoder")
+        try:
+            keep_last_position(module)
+        except LastPositionError as exc:
+            raise DecoderError(f"cannot keep only the last position's logits: {exc}") from exc
+        _propagate_fake(module)
+        shared: dict = {}
+        inputs = [x.double() if x.is_floating_point() else x for x in self.example_inputs()]
+        with torch.no_grad():
+            want = float64_module(self.module, shared)(*inputs)[0][:, -1:]
+            got = float64_module(module, shared)(*inputs)[0]
+        err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+        if not err <= tolerance:
+            raise DecoderError(f"logits of the last position only differ from the decoder's "
+                               f"last row (max relative error {err:.2e} > {tolerance:g})")
+        # the copy keeps node names, which is what sites_by_node is keyed by
+        return replace(self, module=module, last_logits=True, _padded_decoder=None)
 
     def padded_decoder(self) -> Decoder:
         """This decoder if it is padded, else one built with ``padded=True`` from the same

@@ -23,9 +23,11 @@ Runtime's CPU provider; bfloat16 is valid ONNX, but that provider has no bfloat1
 `session` says so in one line (export a float16 or float32 program instead).
 
 Inputs input_ids [batch, sequence], past_key_<n>/past_value_<n> [batch, Hkv, past_sequence,
-D]; outputs logits and present_key_<n>/present_value_<n>. With target "ort", ONNX Runtime's
-GroupQueryAttention takes several new tokens after a non-empty cache only at batch 1
-(prefill and one-token steps work at any batch).
+D]; outputs logits [batch, sequence, vocab] and present_key_<n>/present_value_<n>. With
+``logits="last"`` the logits are the last position's only, [batch, 1, vocab]: all that
+``generate`` reads, and the LM head then runs on one row (a faster prefill). With target
+"ort", ONNX Runtime's GroupQueryAttention takes several new tokens after a non-empty cache
+only at batch 1 (prefill and one-token steps work at any batch).
 
 Encoder-decoders (T5, BART, Whisper; rewriter.seq2seq): ``kv_cache=True`` writes the decoder
 step to the path and the encoder beside it (``dec.encoder.onnx``); ``session`` opens both:
@@ -42,6 +44,7 @@ Left-padded batches: export with ``padded=True`` (the decoder then takes attenti
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from rewriter.codegen.ort import runtime, seq2seq
@@ -50,18 +53,23 @@ from rewriter.decoder import build_decoder, is_causal_lm
 from rewriter.errors import RewriterError
 from rewriter.seq2seq import build_seq2seq, is_seq2seq
 
-__all__ = ["export_onnx", "generate", "resolve_kv_cache", "run", "session"]
+__all__ = ["LOGITS", "export_onnx", "generate", "resolve_kv_cache", "run", "session"]
+
+LOGITS = ("all", "last")  # export_onnx(..., logits=): every position's, or the last one's
 
 
 def export_onnx(program, path: str | os.PathLike, target: str = "onnx", *,
-                kv_cache: bool | str = False, padded: bool = False, **options) -> list[dict]:
+                kv_cache: bool | str = False, padded: bool = False, logits: str = "all",
+                **options) -> list[dict]:
     """Export ``program`` to ``path`` (see rewriter.codegen.onnx.export.export_program);
     ``kv_cache``: as a decoder step with past/present key-value inputs and outputs (built and
     checked by rewriter.decoder.build_decoder, then export_decoder; an encoder-decoder by
     rewriter.seq2seq, its encoder written beside, ``<stem>.encoder.onnx``); ``padded`` (with
     ``kv_cache``): one more input, attention_mask [B, P + S], for left-padded batches.
     ``kv_cache="auto"`` (the CLI's default): the decoder step for causal LMs, which serves
-    prefill with an empty past, so one graph does both (resolve_kv_cache)."""
+    prefill with an empty past, so one graph does both (resolve_kv_cache). ``logits``
+    (with ``kv_cache``): "all" [B, S, V], or "last" [B, 1, V], the last position's only,
+    which is all generation reads (Decoder.last_logits_only: the LM head runs on one row)."""
     from rewriter.codegen.onnx.export import (  # imports onnx
         export_decoder,
         export_program,
@@ -71,13 +79,23 @@ def export_onnx(program, path: str | os.PathLike, target: str = "onnx", *,
     kv_cache = resolve_kv_cache(program, kv_cache)
     if padded and not kv_cache:
         raise RewriterError("padded=True is for decoders: export with kv_cache=True")
+    if logits not in LOGITS:
+        raise RewriterError(f"logits={logits!r}: give one of {', '.join(LOGITS)}")
+    last = logits == "last"
+    if last and not kv_cache:
+        raise RewriterError("logits='last' is for decoders: export with kv_cache=True")
     if kv_cache and is_seq2seq(program):
         if padded:
             raise RewriterError("padded=True is for causal LMs: an encoder-decoder takes the "
                                 "encoder's attention_mask in generate()")
-        return export_seq2seq(build_seq2seq(program), path, target, **options)
+        s2s = build_seq2seq(program)
+        if last:
+            s2s = dataclasses.replace(s2s, decoder=s2s.decoder.last_logits_only())
+        return export_seq2seq(s2s, path, target, **options)
     if kv_cache:
-        return export_decoder(build_decoder(program, padded=padded), path, target, **options)
+        decoder = build_decoder(program, padded=padded)
+        return export_decoder(decoder.last_logits_only() if last else decoder, path, target,
+                              **options)
     return export_program(program, path, target, **options)
 
 

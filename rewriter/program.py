@@ -60,14 +60,17 @@ class Program(GraphProgram):
         return compile_program(self, backend)
 
     def export_onnx(self, path, target: str = "onnx", *, kv_cache: bool = False,
-                    external_data: bool | None = None, padded: bool = False) -> list[dict]:
+                    external_data: bool | None = None, padded: bool = False,
+                    logits: str = "all") -> list[dict]:
         """Write this program as ONNX (target "onnx": standard ops; "ort": ONNX Runtime contrib
         ops where they fit); returns which op each site became (see rewriter.onnx).
         ``kv_cache``: a decoder step with past/present key-value inputs and outputs.
         ``external_data``: weights in ``<path>.data`` (default: when over 1.5 GiB).
-        ``padded``: the decoder takes attention_mask [B, P + S] (left-padded batches)."""
+        ``padded``: the decoder takes attention_mask [B, P + S] (left-padded batches).
+        ``logits``: "all" [B, S, V], or "last" [B, 1, V] (with ``kv_cache``: what generation
+        reads; the LM head runs on one row)."""
         return export_onnx(self, path, target, kv_cache=kv_cache, external_data=external_data,
-                           **({"padded": True} if padded else {}))
+                           logits=logits, **({"padded": True} if padded else {}))
 
     def decoder(self, *, bounded: bool = True, padded: bool = False):
         """This causal LM as a step function over a KV cache (rewriter.decoder.Decoder),

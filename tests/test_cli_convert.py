@@ -276,6 +276,25 @@ def test_export_defaults_to_one_graph_for_causal_lms(runner, tmp_path):
                    json.loads(Path(f"{out}.json").read_text())["inputs"])
 
 
+def test_export_last_position_logits(runner, tmp_path):
+    """--logits last: the decoder's logits are the last position's only; a value outside
+    all|last, or last without a KV cache, is a one-line error that writes nothing."""
+    out = tmp_path / "m.onnx"
+    result = runner.invoke(app, ["export", BARE, "--logits", "last", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "last position's logits only" in result.stdout
+    assert json.loads(Path(f"{out}.json").read_text())["logits"] == "last"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    result = runner.invoke(app, ["export", BARE, "--logits", "first", "--out",
+                                 str(bad / "m.onnx")])
+    assert_one_line_error(result, 2, "--logits 'first': allowed values are all, last")
+    result = runner.invoke(app, ["export", BARE, "--no-kv-cache", "--logits", "last", "--out",
+                                 str(bad / "m.onnx")])
+    assert_one_line_error(result, 1, "logits='last' is for decoders")
+    assert list(bad.iterdir()) == []
+
+
 def test_export_decoder_from_saved_dir(runner, converted, tmp_path):
     """A converted checkpoint (GQA + sparse) exported as a decoder: ONNX Runtime generates
     what the saved program generates without a cache."""

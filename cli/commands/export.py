@@ -41,6 +41,11 @@ def export(
         "outputs, checked against the model before export; it serves prefill with an empty "
         "past, so one graph does both (default: for causal LMs; --no-kv-cache for the "
         "prefill-only graph).")] = None,
+    logits: Annotated[str, typer.Option(
+        "--logits", metavar="all|last",
+        help="With a KV cache: every position's logits [B, S, V], or the last position's only "
+        "[B, 1, V], which is all generation reads (the LM head then runs on one row: a faster "
+        "prefill).")] = "all",
     external_data: Annotated[bool | None, typer.Option(
         "--external-data/--no-external-data", show_default=False,
         help="Weights in PATH.data beside the model (default: when they exceed 1.5 GiB; "
@@ -54,21 +59,25 @@ def export(
     """Export MODEL (a checkpoint, zoo name or saved program) to ONNX with dynamic batch and
     sequence axes."""
     from rewriter.codegen.onnx.export import data_path
-    from rewriter.onnx import resolve_kv_cache
+    from rewriter.onnx import LOGITS, resolve_kv_cache
 
     with user_errors(), Reporter(stderr_console()) as rep:
         check_choice(target, onnx_targets(), "--target")
+        check_choice(logits, LOGITS, "--logits")
         prog = open_model(model, seq_len, rep, trust_pickle=trust_pickle, dtype=dtype,
                           revision=revision)
         kv_cache = resolve_kv_cache(prog, "auto" if kv_cache is None else kv_cache)
         what = "decoder with KV cache" if kv_cache else "model"
         with rep.step(f"exporting the {what} to {out} (target {target})"):
-            rows = prog.export_onnx(out, target, kv_cache=kv_cache, external_data=external_data)
+            rows = prog.export_onnx(out, target, kv_cache=kv_cache, external_data=external_data,
+                                    logits=logits)
     if as_json:
         typer.echo(json.dumps({"model": model, "path": out, "target": target,
-                               "kv_cache": kv_cache, "sites": rows}, indent=2))
+                               "kv_cache": kv_cache, "logits": logits, "sites": rows},
+                              indent=2))
         return
     data = data_path(out)
     typer.echo(f"wrote {out}" + (f" (weights in {data.name})" if data.is_file() else "")
                + f": {len(rows)} attention sites ({onnx_ops(rows)})"
-               + (", with a KV cache" if kv_cache else ""))
+               + (", with a KV cache" if kv_cache else "")
+               + (", last position's logits only" if logits == "last" else ""))

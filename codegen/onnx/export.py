@@ -4,7 +4,9 @@ manifest of which ONNX op each site became (also written next to the file as JSO
 
 ``export_decoder`` does the same for a decoder with a KV cache (rewriter.decoder): inputs
 input_ids [batch, sequence] and past_key_<n>/past_value_<n> [batch, Hkv, past_sequence, D],
-outputs logits and present_key_<n>/present_value_<n> [batch, Hkv, past_sequence + sequence, D].
+outputs logits [batch, sequence, vocab] ([batch, 1, vocab] for a decoder built with
+``last_logits_only``) and present_key_<n>/present_value_<n> [batch, Hkv, past_sequence +
+sequence, D].
 A bounded decoder (sink + window caches) also has the input past_length and the output
 present_length (int64 scalars), and its bounded presents keep at most ``bound`` positions
 (their past axis is ``past_sequence_<bound>``).
@@ -108,6 +110,7 @@ def export_decoder(decoder, path: str | os.PathLike, target: str = "onnx", *,
               "head_dim": e.head_dim, "sites": list(e.sites), "bound": e.bound}
              for e in decoder.cache]
     return _write(model, path, target, plans, check, external_data, cache=cache,
+                  logits="last" if decoder.last_logits else "all",
                   **({"metadata": metadata} if metadata else {}))["sites"]
 
 

@@ -362,3 +362,45 @@ def test_kv_cache_auto_resolves_by_model():
     assert resolve_kv_cache(encoder, False) is False and resolve_kv_cache(lm, True) is True
     with pytest.raises(RewriterError, match="True, False or 'auto'"):
         resolve_kv_cache(lm, "yes")
+
+
+@pytest.mark.parametrize("target", ["onnx", "ort"])
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
+def test_last_position_logits(llama, tmp_path, target, padded):
+    """logits="last": the file's logits are [B, 1, V], equal to the full decoder's last row at
+    prefill and at each step, with the same presents; generate gives the same tokens; the
+    manifest says which logits the file has."""
+    prog, dec = llama
+    path = tmp_path / "last.onnx"
+    prog.export_onnx(path, target, kv_cache=True, logits="last", padded=padded)
+    assert json.loads(manifest_path(path).read_text())["logits"] == "last"
+    sess = rwonnx.session(path, threads=1)
+    assert sess.get_outputs()[0].shape[1:] == [1, zoo.VOCAB]
+    ids = zoo._ids(2, 9, seed=3)
+    names = [i.name for i in sess.get_inputs()][1:]
+    past, torch_past, start = [t.numpy() for t in dec.empty_cache(2)], dec.empty_cache(2), 0
+    for end in (6, 7, 8, 9):  # prefill, then single tokens (ORT GQA: batch 2)
+        feed = {"input_ids": ids[:, start:end].numpy(), **dict(zip(names, past, strict=False))}
+        if padded:
+            feed["attention_mask"] = np.ones((2, end), dtype=np.int64)
+        logits, *past = sess.run(None, feed)
+        want, torch_past = dec.step(ids[:, start:end], torch_past)
+        assert logits.shape == (2, 1, zoo.VOCAB)
+        assert rel_err(logits, want[:, -1:]) < TOL
+        assert all(rel_err(a, b) < TOL for a, b in zip(past, torch_past, strict=True))
+        start = end
+    prompt = zoo._ids(2, 4, seed=5)
+    assert torch.equal(rwonnx.generate(sess, prompt, 8), greedy_reference(prog, prompt, 8))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"logits": "first"}, "logits='first': give one of all, last"),
+    ({"logits": "last", "kv_cache": False}, "logits='last' is for decoders"),
+])
+def test_last_position_logits_errors(llama, tmp_path, options, message):
+    from rewriter.errors import RewriterError
+
+    with pytest.raises(RewriterError, match=message):
+        rwonnx.export_onnx(llama[0], tmp_path / "d.onnx", "onnx",
+                           **{"kv_cache": True, **options})
+    assert list(tmp_path.iterdir()) == []
