@@ -71,10 +71,11 @@ def _flat_outputs(out: Node) -> list:
 
 
 def _is_projection(node: Node) -> bool:
-    """linear(h, W[, b]) or matmul(h, W), W (and b) constant, h of rank >= 2 holding S."""
+    """linear(h, W[, b]) or matmul(h, W), W (and b) constant, h [B, S, E] (a flattened
+    [B * S, E] would not keep its positions on axis 1)."""
     if node.target not in _PROJECTIONS or not isinstance(node.args[0], Node):
         return False
-    return (_ndim(node.args[0]) or 0) >= 2 and _ndim(node.args[1]) == 2 \
+    return _ndim(node.args[0]) == 3 and _ndim(node.args[1]) == 2 \
         and all(_constant(w) for w in node.args[1:])
 
 

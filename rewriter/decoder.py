@@ -3,6 +3,7 @@
     dec = program.decoder()                    # or rewriter.decoder.build_decoder(program)
     logits, present = dec.step(ids, dec.empty_cache(batch=1))
     tokens = dec.generate(prompt_ids, max_new_tokens=32)    # greedy, with the cache
+    last = dec.last_logits_only()              # logits [B, 1, V]: the LM head on one row
 
 ``dec.module`` is a GraphModule ``forward(input_ids, past_key_0, past_value_0, ...) ->
 (logits, present_key_0, present_value_0, ...)``, built from the program's graph by surgery:
