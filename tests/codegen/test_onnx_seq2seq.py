@@ -36,6 +36,22 @@ def test_onnx_greedy_equals_generate(arch, target, tmp_path):
     assert torch.equal(got[:, -want.shape[1]:], want)
 
 
+@pytest.mark.parametrize("arch", ["t5", "bart", "whisper"])
+def test_last_position_logits(arch, tmp_path):
+    """logits="last": the decoder step's logits are [B, 1, V] (T5's scaled tied head, BART's
+    final_logits_bias, Whisper's proj_out); greedy tokens still equal ``model.generate``."""
+    model, prog = capture(arch)
+    path = tmp_path / "dec.onnx"
+    prog.export_onnx(path, "ort", kv_cache=True, logits="last")
+    assert json.loads(manifest_path(path).read_text())["logits"] == "last"
+    sess = rwonnx.session(path)
+    assert sess.decoder.get_outputs()[0].shape[1] == 1
+    inputs, kwargs = encoder_inputs(arch)
+    want = hf_greedy(model, kwargs, NEW_TOKENS)
+    got = rwonnx.generate(sess, inputs, NEW_TOKENS, kwargs.get("attention_mask"))
+    assert torch.equal(got[:, -want.shape[1]:], want)
+
+
 def test_missing_encoder_file_is_one_line(tmp_path):
     _, prog = capture("bart")
     path = tmp_path / "dec.onnx"
