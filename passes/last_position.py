@@ -35,6 +35,7 @@ _ELEMENTWISE = frozenset({
     aten._to_copy.default, aten.clone.default, aten.alias.default, aten.contiguous.default,
 })
 _SEQ_AXIS = 1  # logits are [B, S, V]
+_SLICE_DEFAULTS = (0, None, None, 1)  # aten.slice.Tensor's dim, start, end, step
 
 
 class LastPositionError(RewriterError):
@@ -83,7 +84,8 @@ def _position_wise_input(node: Node) -> Node:
     """The one operand of ``node`` that carries positions, when ``node`` maps each position on
     its own; else LastPositionError naming the op."""
     if node.target == aten.slice.Tensor:
-        x, dim, start, end, step = (*node.args, *(0, None, None, 1)[len(node.args) - 1:])
+        x, *given = node.args
+        dim, start, end, step = (*given, *_SLICE_DEFAULTS[len(given):])
         whole = start in (None, 0) and (end is None or end >= _END) and step == 1
         if whole or (dim + (_ndim(x) or 0) if dim < 0 else dim) != _SEQ_AXIS:
             return x

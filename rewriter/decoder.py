@@ -53,7 +53,12 @@ from rewriter.ir.graph import ancestors, canonical_nodes, cleanup, copy_graph, d
 from rewriter.ir.masks import MaskSpec
 from rewriter.ir.ops import attention as _attention_op  # noqa: F401  (registers the ops)
 from rewriter.ir.padding import check_attention_mask
-from rewriter.ir.precision import EXACT_TOLERANCE, float64_module
+from rewriter.ir.precision import (
+    EXACT_TOLERANCE,
+    float64_module,
+    max_relative_error,
+    to_float64,
+)
 from rewriter.ir.topk import is_topk
 from rewriter.passes.last_position import LastPositionError, keep_last_position
 from rewriter.patterns.static_values import NotProven, read_structure
@@ -211,11 +216,11 @@ class Decoder:
             raise DecoderError(f"cannot keep only the last position's logits: {exc}") from exc
         _propagate_fake(module)
         shared: dict = {}
-        inputs = [x.double() if x.is_floating_point() else x for x in self.example_inputs()]
+        inputs = to_float64(self.example_inputs())
         with torch.no_grad():
             want = float64_module(self.module, shared)(*inputs)[0][:, -1:]
             got = float64_module(module, shared)(*inputs)[0]
-        err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+        err = max_relative_error(got, want)
         if not err <= tolerance:
             raise DecoderError(f"logits of the last position only differ from the decoder's "
                                f"last row (max relative error {err:.2e} > {tolerance:g})")
@@ -648,7 +653,7 @@ def check_decoder(decoder: Decoder, prompt_len: int = 7, batch: int = 2,
                                 *ones(prompt_len))
             last, *_ = step(ids[:, -1:], *past, *ones(prompt_len + 1))
             got = torch.cat([first, last], dim=1)
-    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+    err = max_relative_error(got, want)
     if not err <= tolerance:
         raise DecoderError(f"the decoder does not reproduce the program (prefill + step vs one "
                            f"forward in float64: max relative error {err:.2e} > {tolerance:g}); "
@@ -684,8 +689,7 @@ def check_padded(decoder: Decoder, prompt_len: int = 7, tolerance: float = EXACT
         err = 0.0
         for row, pad in enumerate(pads):
             want = alone(ids[row:row + 1, pad:])[0]
-            diff = (got[row, pad:] - want).abs().max() / want.abs().max().clamp_min(1e-30)
-            err = max(err, float(diff))
+            err = max(err, max_relative_error(got[row, pad:], want))
     if not err <= tolerance:
         raise DecoderError(f"the padded decoder does not reproduce the program on a "
                            f"left-padded batch (each row against its tokens alone, in float64: "

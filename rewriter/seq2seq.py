@@ -35,7 +35,12 @@ from torch.utils._pytree import tree_leaves
 
 from rewriter.decoder import Decoder, DecoderError, cached_step
 from rewriter.ir.graph import canonical_nodes, cleanup, copy_graph, descendants
-from rewriter.ir.precision import EXACT_TOLERANCE, float64_module
+from rewriter.ir.precision import (
+    EXACT_TOLERANCE,
+    float64_module,
+    max_relative_error,
+    to_float64,
+)
 
 __all__ = ["DECODER_INPUT", "Seq2Seq", "build_seq2seq", "is_seq2seq"]
 
@@ -167,7 +172,7 @@ def check_seq2seq(s2s: Seq2Seq, prompt_len: int = 6, tolerance: float = EXACT_TO
     full = float64_module(program.module, shared)
     encoder = float64_module(s2s.encoder, shared)
     step = float64_module(s2s.decoder.module, shared)
-    as64 = {k: v.double() if v.is_floating_point() else v for k, v in example.items()}
+    as64 = to_float64(example)
     with torch.no_grad():
         want = _logits(full(**{**kwargs, **as64, DECODER_INPUT: ids}))
         context = list(encoder(*(as64[n] for n in s2s.encoder_inputs)))
@@ -175,7 +180,7 @@ def check_seq2seq(s2s: Seq2Seq, prompt_len: int = 6, tolerance: float = EXACT_TO
                             *context)
         last, *_ = step(ids[:, -1:], *past, *context)
         got = torch.cat([first, last], dim=1)
-    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+    err = max_relative_error(got, want)
     if not err <= tolerance:
         raise DecoderError(f"the encoder-decoder split does not reproduce the program (encoder "
                            f"+ prefill + step vs one forward in float64: max relative error "

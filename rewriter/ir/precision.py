@@ -41,6 +41,12 @@ def to_float64(tree: Any) -> Any:
                     and x.is_floating_point() else x, tree)
 
 
+def max_relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (a zero ``want`` counts as 1e-30): how the exactness
+    checks (rewriter.decoder, rewriter.seq2seq) measure a rewrite against its reference."""
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
 def float64_module(module: torch.nn.Module, shared: dict[int, Any] | None = None
                    ) -> torch.nn.Module:
     """``module`` computing in float64. A GraphModule gets a promoted copy of its graph over
